@@ -1,0 +1,5 @@
+import sys
+
+from sanakit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,394 @@
+"""Autoencoder adapters: pixel space (identity), DC-AE (Sana's default) and SD-style KL VAEs.
+
+Every adapter maps pixels in ``[-1, 1]`` to *scaled* latents ``(z - shift) * scale`` and back,
+deterministically (DC-AE has no posterior; the KL VAE uses the posterior mode), so latents can
+be cached and a cache can be keyed by :meth:`Autoencoder.fingerprint`.
+
+Weights are only ever read from local disk (``local_files_only=True``): ``vae.name_or_path``
+is a diffusers model folder, a pipeline folder with a ``vae/`` subfolder, or a Hub id that is
+already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sanakit.errors import ModelLoadError
+
+# kind -> diffusers class name; the class itself is imported lazily (diffusers is slow to load).
+_CLASSES: dict[str, str] = {"dc-ae": "AutoencoderDC", "sd-vae": "AutoencoderKL"}
+_KINDS = ("pixel", *_CLASSES)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# Config keys that say how/where a model was saved, not what it computes.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "_use_default_values"}
+# Files above this size are fingerprinted by a byte sample instead of in full.
+_FULL_HASH_LIMIT = 8 << 20
+_SAMPLE_CHUNK = 64 << 10
+_SAMPLE_COUNT = 16
+
+
+class Autoencoder(abc.ABC):
+    """Maps pixels ``[B, 3, H, W]`` in ``[-1, 1]`` to scaled latents and back.
+
+    Attributes: ``name`` (the ``vae.type``), ``latent_channels``, ``downsample_factor`` (pixels
+    per latent along each side), ``scaling_factor`` and ``shift_factor`` (latents are
+    ``(z - shift_factor) * scaling_factor``).
+    """
+
+    name: str
+    latent_channels: int
+    downsample_factor: int
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    @abc.abstractmethod
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Pixels in ``[-1, 1]`` -> scaled latents ``[B, latent_channels, H/f, W/f]``."""
+
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> pixels, clamped to ``[-1, 1]``."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """sha256 hex of everything that determines the latents (config, factors, weights)."""
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent ``(height, width)`` for an image of ``height x width`` pixels."""
+        f = self.downsample_factor
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {f} ({self.name})")
+        return height // f, width // f
+
+
+class PixelAutoencoder(Autoencoder):
+    """Identity "autoencoder": diffusion runs directly on pixels (3 channels, factor 1)."""
+
+    name = "pixel"
+    latent_channels = 3
+    downsample_factor = 1
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # Defaults keep it an exact identity; explicit factors are honoured like for real VAEs.
+        self.scaling_factor = 1.0 if scaling_factor is None else float(scaling_factor)
+        self.shift_factor = 0.0 if shift_factor is None else float(shift_factor)
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        x = pixels.to(device=self.device, dtype=self.dtype)
+        if self.scaling_factor == 1.0 and self.shift_factor == 0.0:
+            return x
+        return (x - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        x = latents.to(device=self.device, dtype=self.dtype)
+        return (x / self.scaling_factor + self.shift_factor).clamp(-1.0, 1.0)
+
+    def fingerprint(self) -> str:
+        settings = {"kind": "pixel", "scale": self.scaling_factor, "shift": self.shift_factor}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+class DiffusersAutoencoder(Autoencoder):
+    """Shared logic for diffusers autoencoders: scaling, dtype, no-grad, fingerprint.
+
+    ``source_dir`` is the folder the weights came from (enables the cheap on-disk fingerprint);
+    ``None`` means an in-memory module, fingerprinted from its full state_dict.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        source_dir: Path | None = None,
+    ) -> None:
+        config = module.config
+        self.name = self.kind
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # SD VAEs overflow in fp16 (their config says force_upcast); run those in fp32 and cast
+        # the outputs back, as diffusers' pipelines do.
+        upcast = dtype == torch.float16 and bool(config.get("force_upcast", False))
+        self.compute_dtype = torch.float32 if upcast else dtype
+        self.module = module.to(device=self.device, dtype=self.compute_dtype).eval()
+        self.module.requires_grad_(False)
+        self.latent_channels = int(config["latent_channels"])
+        self.downsample_factor = self._downsample_factor(config)
+        own_scale = config.get("scaling_factor")
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else own_scale)
+        own_shift = config.get("shift_factor")
+        self.shift_factor = float(
+            shift_factor if shift_factor is not None else (own_shift if own_shift else 0.0)
+        )
+        self.source_dir = source_dir
+        self._cached_fingerprint: str | None = None
+
+    @staticmethod
+    @abc.abstractmethod
+    def _downsample_factor(config: Any) -> int:
+        """Spatial reduction per side implied by the module config."""
+
+    @abc.abstractmethod
+    def _raw_encode(self, x: Tensor) -> Tensor:
+        """Unscaled deterministic latents of ``x`` (already on device, in compute dtype)."""
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        x = pixels.to(device=self.device, dtype=self.compute_dtype)
+        # no_grad, not inference_mode: latents feed the training graph, and inference tensors
+        # cannot be saved for backward.
+        with torch.no_grad():
+            z = self._raw_encode(x)
+        return ((z - self.shift_factor) * self.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        z = latents.to(device=self.device, dtype=self.compute_dtype)
+        z = z / self.scaling_factor + self.shift_factor
+        with torch.no_grad():
+            pixels = self.module.decode(z).sample
+        return pixels.clamp(-1.0, 1.0).to(self.dtype)
+
+    def _settings(self) -> dict[str, Any]:
+        config = {
+            k: v for k, v in dict(self.module.config).items() if k not in _VOLATILE_CONFIG_KEYS
+        }
+        return {
+            "kind": self.kind,
+            "class": type(self.module).__name__,
+            "config": config,
+            "scale": self.scaling_factor,
+            "shift": self.shift_factor,
+            "dtype": str(self.compute_dtype).removeprefix("torch."),
+        }
+
+    def fingerprint(self) -> str:
+        if self._cached_fingerprint is not None:
+            return self._cached_fingerprint
+        h = hashlib.sha256(json.dumps(self._settings(), sort_keys=True, default=str).encode())
+        if self.source_dir is not None:
+            h.update(b"files\0" + _hash_weight_files(self.source_dir).encode())
+            # Files on disk do not change under a running job; an in-memory module can, so
+            # only the on-disk fingerprint is cached.
+            self._cached_fingerprint = h.hexdigest()
+            return self._cached_fingerprint
+        h.update(b"state\0" + _hash_state_dict(self.module).encode())
+        return h.hexdigest()
+
+
+class DCAutoencoder(DiffusersAutoencoder):
+    """DC-AE (diffusers ``AutoencoderDC``), e.g. Sana's f32c32 with scaling factor 0.41407."""
+
+    kind = "dc-ae"
+
+    @staticmethod
+    def _downsample_factor(config: Any) -> int:
+        return 2 ** (len(config["encoder_block_out_channels"]) - 1)
+
+    def _raw_encode(self, x: Tensor) -> Tensor:
+        return self.module.encode(x).latent
+
+
+class KLAutoencoder(DiffusersAutoencoder):
+    """SD-style KL VAE (diffusers ``AutoencoderKL``); encodes to the posterior mode."""
+
+    kind = "sd-vae"
+
+    @staticmethod
+    def _downsample_factor(config: Any) -> int:
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
+    def _raw_encode(self, x: Tensor) -> Tensor:
+        return self.module.encode(x).latent_dist.mode()
+
+
+_ADAPTERS: dict[str, type[DiffusersAutoencoder]] = {"dc-ae": DCAutoencoder, "sd-vae": KLAutoencoder}
+
+
+# ----------------------------------------------------------------------------- fingerprint helpers
+
+
+def _hash_file(h: Any, path: Path, size: int) -> None:
+    """Feed ``path`` into ``h``: in full when small, else evenly spaced chunks incl. head/tail.
+
+    The head holds the safetensors header (names, shapes, dtypes); any fine-tune rewrites bytes
+    throughout, so the sample catches it at a cost of ~1 MiB of reads per multi-GB file.
+    """
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            h.update(f.read())
+            return
+        for i in range(_SAMPLE_COUNT):
+            f.seek((size - _SAMPLE_CHUNK) * i // (_SAMPLE_COUNT - 1))
+            h.update(f.read(_SAMPLE_CHUNK))
+
+
+def _hash_weight_files(folder: Path) -> str:
+    """Cheap content hash of the weight files in ``folder`` (name, size, sampled bytes)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    for path in files:
+        size = path.stat().st_size  # follows HF-cache symlinks to the blobs
+        h.update(f"{path.name}\0{size}\0".encode())
+        _hash_file(h, path, size)
+    return h.hexdigest()
+
+
+def _hash_state_dict(module: torch.nn.Module) -> str:
+    """Full hash of every tensor of an in-memory module (meant for small/test models)."""
+    h = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            # Raw bytes via a uint8 view: works for bf16, which numpy cannot represent.
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_class_name(config_path: Path) -> str | None:
+    try:
+        return json.loads(config_path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # from_pretrained reports unreadable configs with a better message
+
+
+def _load_module(kind: str, name_or_path: str, dtype: torch.dtype) -> tuple[Any, Path]:
+    """Load the diffusers module for ``kind`` from local disk; returns it and its folder."""
+    import diffusers
+
+    class_name = _CLASSES[kind]
+    cls = getattr(diffusers, class_name)
+    if not name_or_path:
+        raise ModelLoadError(
+            f"vae.type={kind} needs vae.name_or_path; set it to a local diffusers {class_name} "
+            f"folder"
+        )
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if (path / "config.json").is_file():
+            folder, subfolder = path, None
+        elif (path / "vae" / "config.json").is_file():
+            folder, subfolder = path / "vae", "vae"  # a whole pipeline folder
+        else:
+            raise ModelLoadError(
+                f"autoencoder folder {path} has no config.json (nor vae/config.json); point "
+                f"vae.name_or_path at a diffusers {class_name} folder"
+            )
+        found = _read_class_name(folder / "config.json")
+        if found and found != class_name:
+            other = next((k for k, c in _CLASSES.items() if c == found), None)
+            fix = f"set vae.type={other}" if other else f"use a {class_name} folder"
+            raise ModelLoadError(
+                f"autoencoder {folder} is a {found}, not the {class_name} vae.type={kind} needs; "
+                f"{fix}"
+            )
+        source: str = str(path)
+    else:
+        parts = name_or_path.split("/")
+        if len(parts) != 2 or name_or_path.startswith((".", "~")) or not all(parts):
+            raise ModelLoadError(
+                f"autoencoder folder {path} does not exist; set vae.name_or_path to a local "
+                f"diffusers {class_name} folder"
+            )
+        source, subfolder, folder = name_or_path, None, None  # a Hub id: local cache only
+    try:
+        module = cls.from_pretrained(
+            source, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+        )
+    except Exception as err:  # diffusers/hub raise many types (OSError, ValueError, ...)
+        if folder is None:
+            raise ModelLoadError(
+                f"autoencoder {name_or_path} is not a local folder and not in the Hugging Face "
+                f"cache; download it and set vae.name_or_path to its folder"
+            ) from err
+        first_line = next((ln for ln in str(err).splitlines() if ln.strip()), repr(err))
+        first_line = first_line.strip().rstrip(".")
+        raise ModelLoadError(
+            f"cannot load {class_name} from {folder}: {first_line[:300]}; re-save the folder "
+            f"with diffusers save_pretrained"
+        ) from err
+    if folder is None:
+        folder = _cache_folder(name_or_path)
+    return module, folder
+
+
+def _cache_folder(repo_id: str) -> Path:
+    """The snapshot folder of a Hub id already in the local cache (for the fingerprint)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(config, str):
+        return Path(config).parent
+    raise ModelLoadError(
+        f"autoencoder {repo_id} has no config.json in the Hugging Face cache; download it and set "
+        f"vae.name_or_path to its folder"
+    )
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def build_autoencoder(
+    cfg_vae: Any, device: str | torch.device, dtype: torch.dtype | str
+) -> Autoencoder:
+    """The autoencoder described by the ``vae`` config section.
+
+    Reads ``type`` (pixel | dc-ae | sd-vae), ``name_or_path``, ``scaling_factor`` and
+    ``shift_factor`` (``None`` = the model config's value; shift defaults to 0).
+    ``name_or_path`` may also be an already built diffusers module (tests, notebooks).
+    Raises :class:`ModelLoadError` when the weights cannot be loaded from local disk.
+    """
+    kind = getattr(cfg_vae, "type", "pixel")
+    scaling = getattr(cfg_vae, "scaling_factor", None)
+    shift = getattr(cfg_vae, "shift_factor", None)
+    dtype = _as_dtype(dtype)
+    if kind == "pixel":
+        return PixelAutoencoder(device, dtype, scaling, shift)
+    if kind not in _ADAPTERS:
+        raise ModelLoadError(f"unknown vae.type {kind!r}; use one of {', '.join(_KINDS)}")
+    source = getattr(cfg_vae, "name_or_path", "")
+    if isinstance(source, torch.nn.Module):
+        module, folder = source, None
+        if type(module).__name__ != _CLASSES[kind]:
+            raise ModelLoadError(
+                f"vae.type={kind} needs a {_CLASSES[kind]}, got a {type(module).__name__}; fix "
+                f"vae.type"
+            )
+    else:
+        module, folder = _load_module(kind, str(source or ""), dtype)
+    return _ADAPTERS[kind](
+        module,
+        device=device,
+        dtype=dtype,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        source_dir=folder,
+    )

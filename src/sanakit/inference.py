@@ -1,0 +1,113 @@
+"""Load a trained checkpoint for sampling: the model, its encoders and its own null embedding."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from sanakit.config import Config, from_yaml_text
+from sanakit.errors import CheckpointError
+from sanakit.sampling import sample_latents
+from sanakit.text.cache import CaptionEncoder
+from sanakit.text.null_embedding import NullEmbedding, check_matches_checkpoint
+from sanakit.train import checkpoint as ckpt
+from sanakit.train.components import autocast_dtype, build_models, latent_shape
+from sanakit.train.state import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_null_embedding
+
+log = logging.getLogger("sanakit")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a work_dir (then its newest verified checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint or work_dir")
+    if (path / "manifest.json").exists() or path.name.startswith("step_"):
+        reason = ckpt.verify_checkpoint(path)
+        if reason:
+            raise CheckpointError(f"checkpoint {path} does not verify ({reason}); use another one")
+        return path
+    latest, skipped = ckpt.find_latest(path / "checkpoints")
+    for bad, reason in skipped:
+        log.warning("skipping checkpoint %s: %s", bad, reason)
+    if latest is None:
+        raise CheckpointError(
+            f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'}); "
+            "train first or pass a checkpoint directory"
+        )
+    return latest
+
+
+@dataclass
+class Inference:
+    cfg: Config
+    checkpoint: Path
+    models: Any  # train.components.Models, transformer in eval mode
+    null: NullEmbedding
+    captions: CaptionEncoder
+    device: torch.device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        cfg_scale: float,
+        steps: int,
+        sampler: str,
+        seed: int,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Images [N,3,H,W] in [-1,1] for the prompts; same seed -> identical images."""
+        embeds, mask = self.captions.encode(prompts)
+        shape = latent_shape(self.cfg, self.models.autoencoder)
+        if noise is None:
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn((len(prompts), *shape), generator=generator)
+        latents = sample_latents(
+            self.models.transformer,
+            embeds,
+            mask,
+            self.null.embeds,
+            self.null.mask,
+            shape,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            flow_shift=self.cfg.scheduler.flow_shift,
+            noise=noise.to(self.device),
+            autocast_dtype=autocast_dtype(self.cfg, self.device),
+        )
+        return self.models.autoencoder.decode(latents).float().cpu()
+
+
+def load_for_inference(
+    checkpoint: str | Path,
+    *,
+    ema: bool = False,
+    device: str | torch.device | None = None,
+    allow_encoder_change: bool = False,
+) -> Inference:
+    path = resolve_checkpoint(checkpoint)
+    cfg = from_yaml_text((path / CONFIG_FILE).read_text())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = build_models(cfg, device)
+    weights = load_file(str(path / (EMA_FILE if ema else MODEL_FILE)))
+    missing, unexpected = models.transformer.load_state_dict(weights, strict=not ema)
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} weights do not fit its own config")
+    models.transformer.eval()
+    null = read_null_embedding(path)
+    check_matches_checkpoint(
+        NullEmbedding(null.embeds, null.mask, models.text_encoder.provenance(), "current encoder"),
+        null.provenance,
+        allow_encoder_change,
+    )
+    null = null.to(device, models.text_encoder.dtype)
+    log.info("loaded %s weights from %s", "EMA" if ema else "model", path)
+    return Inference(cfg, path, models, null, CaptionEncoder(models.text_encoder, cfg), device)

@@ -1,0 +1,48 @@
+"""T5 v1.1 encoder (PixArt-style): right padding to L, ``last_hidden_state``, attention mask.
+
+Only the encoder stack is loaded (``T5EncoderModel``), so a full T5 checkpoint or an
+encoder-only folder both work. No complex human instruction: PixArt models never used one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from sanakit.text.base import PretrainedTextEncoder
+
+
+class T5Encoder(PretrainedTextEncoder):
+    """T5 encoder; ``dtype="auto"`` is bf16 on CUDA (fp16 overflows in T5), float32 on CPU."""
+
+    kind = "t5"
+    cuda_default_dtype = torch.bfloat16
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike[str] | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        max_length: int = 300,
+        device: torch.device | str = "cpu",
+        dtype: str | torch.dtype = "auto",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            name_or_path,
+            model=model,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            instruction=None,
+            device=device,
+            dtype=dtype,
+            name=name,
+        )
+
+    def _model_class(self) -> Any:
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel

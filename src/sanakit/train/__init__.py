@@ -1,0 +1,1 @@
+"""The training system: resumable state, crash-safe checkpoints and the loop."""

@@ -1,0 +1,547 @@
+"""Crash-safe directory checkpoints: the file mechanics, not what goes inside them.
+
+Layout under ``checkpoints_dir``::
+
+    step_00001000/            a committed checkpoint
+        <any files written by the caller>
+        manifest.json         written LAST: sizes and sha256 of every other file
+    .step_00001500.tmp-<pid>-<rand>/     being written (or left by a killed writer)
+    .step_00001000.old-<pid>-<rand>/     previous copy of a step being replaced
+    .deleting-step_00000500-<pid>-<rand>/  being removed by rotation
+    step_00000700.corrupt-<time>/         a step dir that failed verification and was moved
+                                          aside instead of overwritten (kept for the user)
+
+Invariants this module maintains, so that ``kill -9`` at any instant is harmless:
+
+* A ``step_*`` name only ever appears through a single ``rename`` of a fully written, fsynced
+  directory whose manifest is already inside it; anything else lives under a dot-name.
+* Nothing is trusted by name alone: a checkpoint is valid only if its manifest parses, names the
+  same step as the directory, and every listed file has the recorded size (and sha256, deep).
+* Nothing a user might want is deleted silently: only superseded copies, abandoned temp dirs and
+  checkpoints rotation decided to drop are removed, each with a log line; invalid checkpoints are
+  reported and left on disk.
+"""
+
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sanakit.errors import CheckpointError
+from sanakit.fsutil import (
+    claimed,
+    free_bytes,
+    fsync_dir,
+    fsync_file,
+    makedirs_durable,
+    owner_alive,
+    sha256_file,
+    slow_write_pause,
+)
+
+log = logging.getLogger("sanakit")
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "sanakit-checkpoint"
+MANIFEST_VERSION = 1
+
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_RE = re.compile(r"^\.step_(\d{8,})\.tmp-(\d+)-[0-9a-f]+$")
+_OLD_RE = re.compile(r"^\.step_(\d{8,})\.old-(\d+)-[0-9a-f]+$")
+_DELETING_RE = re.compile(r"^\.deleting-step_(\d{8,})-(\d+)-[0-9a-f]+$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def step_dir_name(step: int) -> str:
+    """The directory name of step ``step``: ``step_{step:08d}``."""
+    return f"step_{step:08d}"
+
+
+def _parse_step_name(name: str) -> int | None:
+    """Step number of a canonical ``step_N`` directory name, else None."""
+    m = _STEP_RE.match(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    # Reject non-canonical spellings ("step_000000005") so one step has exactly one name.
+    return step if name == step_dir_name(step) else None
+
+
+def _check_step(step: int) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+
+
+def _token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest and verification
+# --------------------------------------------------------------------------------------------
+
+
+def _validate_manifest(data: Any) -> str | None:
+    """Reason why parsed manifest JSON is not a usable v1 manifest, or None."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        return "manifest.json is not a sanakit checkpoint manifest"
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        return "manifest invalid: version"
+    if version > MANIFEST_VERSION:
+        return (
+            f"manifest version {version} is newer than supported ({MANIFEST_VERSION}); "
+            "upgrade sanakit"
+        )
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return "manifest invalid: step"
+    files = data.get("files")
+    if not isinstance(files, dict) or not files:
+        return "manifest invalid: no files listed"
+    for rel, entry in files.items():
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if (
+            not parts
+            or rel.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or rel == MANIFEST_NAME
+        ):
+            return f"manifest invalid: bad file name {rel!r}"
+        if not isinstance(entry, dict):
+            return f"manifest invalid: entry for {rel}"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return f"manifest invalid: size of {rel}"
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            return f"manifest invalid: sha256 of {rel}"
+    return None
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) if ``path`` holds a structurally valid manifest, else (None, reason)."""
+    mf = path / MANIFEST_NAME
+    if not mf.is_file():
+        return None, f"no {MANIFEST_NAME}"
+    try:
+        data = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        # Covers a 0-byte or truncated manifest as well as garbage.
+        return None, "manifest unreadable"
+    reason = _validate_manifest(data)
+    if reason is not None:
+        return None, reason
+    return data, None
+
+
+def verify_checkpoint(path: Path, deep: bool = True) -> str | None:
+    """None if ``path`` is a complete checkpoint, else a short reason.
+
+    Checks the manifest, that a ``step_N`` directory's manifest names step N, that every listed
+    file exists with the recorded size and, if ``deep``, the recorded sha256. ``deep=False`` is
+    the fast path (no file contents read). Files not listed in the manifest are ignored.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "not a directory" if path.exists() or path.is_symlink() else "does not exist"
+    manifest, reason = _read_manifest(path)
+    if manifest is None:
+        return reason
+    name_step = _parse_step_name(path.name)
+    if name_step is not None and name_step != manifest["step"]:
+        return f"manifest step {manifest['step']} != directory step {name_step}"
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    # Sizes first for every file: cheap, and catches truncation before hashing gigabytes.
+    for rel in sorted(files):
+        fpath = path / rel
+        if not fpath.is_file():
+            return f"missing file {rel}"
+        try:
+            size = fpath.stat().st_size
+        except OSError as err:
+            return f"{rel}: unreadable ({err.strerror or err})"
+        if size != files[rel]["size"]:
+            return f"{rel}: size {size} != {files[rel]['size']}"
+    if deep:
+        for rel in sorted(files):
+            try:
+                digest = sha256_file(path / rel)
+            except OSError as err:
+                return f"{rel}: unreadable ({err.strerror or err})"
+            if digest != files[rel]["sha256"]:
+                return f"{rel}: sha256 mismatch"
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The parsed manifest of checkpoint ``path``; raises CheckpointError if it has none usable."""
+    manifest, reason = _read_manifest(Path(path))
+    if manifest is None:
+        raise CheckpointError(
+            f"checkpoint {path}: {reason}; choose a complete checkpoint directory "
+            f"(one containing a valid {MANIFEST_NAME})"
+        )
+    return manifest
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step recorded in ``path``'s manifest (never inferred from the directory name)."""
+    return int(read_manifest(path)["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Listing and selection
+# --------------------------------------------------------------------------------------------
+
+
+def _candidates(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Every canonical ``step_N`` directory, sorted by N (valid or not)."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return []
+    found: list[tuple[int, Path]] = []
+    for entry in d.iterdir():
+        step = _parse_step_name(entry.name)
+        if step is not None and entry.is_dir() and not entry.is_symlink():
+            found.append((step, entry))
+    found.sort(key=lambda sp: sp[0])
+    return found
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """``step_N`` directories sorted by step, complete or not.
+
+    A directory whose readable manifest names a different step than its name is excluded (with
+    a warning): the step is never trusted from the name alone. Use :func:`verify_checkpoint` to
+    tell complete ones apart.
+    """
+    result: list[Path] = []
+    for step, path in _candidates(checkpoints_dir):
+        manifest, _ = _read_manifest(path)
+        if manifest is not None and manifest["step"] != step:
+            log.warning("ignoring checkpoint %s: its manifest says step %d", path, manifest["step"])
+            continue
+        result.append(path)
+    return result
+
+
+def find_latest(checkpoints_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Newest checkpoint that deep-verifies, and (path, reason) for every newer one skipped.
+
+    Deletes nothing. If a previous writer was killed in the middle of replacing a step (old copy
+    renamed aside, new one not yet in place), the verified old copy is renamed back first so
+    the newest state is not missed; if that rename is impossible (read-only mount) it is only
+    logged.
+    """
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return None, []
+    _restore_interrupted_replacements(d)
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(_candidates(d)):
+        reason = verify_checkpoint(path, deep=True)
+        if reason is None:
+            return path, skipped
+        log.warning(
+            "skipping incomplete or corrupt checkpoint %s (%s); it is left on disk for inspection",
+            path,
+            reason,
+        )
+        skipped.append((path, reason))
+    return None, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Housekeeping of dot-directories left by killed processes
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_dirs(d: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
+    if not d.is_dir():
+        return []
+    out = []
+    for entry in sorted(d.iterdir()):
+        m = pattern.match(entry.name)
+        if m is not None:
+            out.append((m, entry))
+    return out
+
+
+def _restore_interrupted_replacements(d: Path) -> list[Path]:
+    """Rename a verified ``.step_N.old-*`` back to ``step_N`` when ``step_N`` is missing."""
+    restored: list[Path] = []
+    for m, old in _dot_dirs(d, _OLD_RE):
+        if owner_alive(old, int(m.group(2))):
+            continue
+        final = d / step_dir_name(int(m.group(1)))
+        if final.exists() or final.is_symlink():
+            continue  # the replacement completed; the old copy is removed by clean_stale
+        reason = verify_checkpoint(old, deep=True)
+        if reason is not None:
+            log.warning("leaving %s in place: it does not verify (%s)", old, reason)
+            continue
+        try:
+            os.rename(old, final)
+            fsync_dir(d)
+        except OSError as err:
+            log.warning("could not restore %s to %s: %s", old, final, err)
+            continue
+        log.warning("restored %s from an interrupted re-save (%s)", final, old.name)
+        restored.append(final)
+    return restored
+
+
+def clean_stale(checkpoints_dir: Path) -> list[Path]:
+    """Remove leftovers of killed writers; return what was removed.
+
+    Removed: ``.step_*.tmp-*`` dirs (never committed, so never checkpoints), ``.deleting-*``
+    dirs (rotation already decided to delete them) and ``.step_N.old-*`` copies superseded by
+    a verified ``step_N``, all only when their owning pid is gone. Called by
+    :func:`write_checkpoint`.
+    """
+    d = Path(checkpoints_dir)
+    removed: list[Path] = []
+    _restore_interrupted_replacements(d)
+    for pattern, what in ((_TMP_RE, "unfinished checkpoint temp dir"), (_DELETING_RE, None)):
+        for m, path in _dot_dirs(d, pattern):
+            if owner_alive(path, int(m.group(2))):
+                continue
+            if _remove_tree(path):
+                if what is not None:
+                    log.warning("removed %s from a killed writer: %s", what, path)
+                removed.append(path)
+    for m, old in _dot_dirs(d, _OLD_RE):
+        if owner_alive(old, int(m.group(2))):
+            continue
+        final = d / step_dir_name(int(m.group(1)))
+        if verify_checkpoint(final, deep=True) is None and _remove_tree(old):
+            log.info("removed %s, superseded by re-saved %s", old, final)
+            removed.append(old)
+    return removed
+
+
+def _remove_tree(path: Path) -> bool:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        log.warning("could not remove %s: %s", path, err)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _seal(tmp: Path) -> dict[str, dict[str, Any]]:
+    """fsync every file and directory under ``tmp`` and return the manifest's file table."""
+    files: dict[str, dict[str, Any]] = {}
+    dirs: list[Path] = []
+    for root, dirnames, filenames in os.walk(tmp):
+        dirnames.sort()
+        root_path = Path(root)
+        dirs.append(root_path)
+        for dn in dirnames:
+            if (root_path / dn).is_symlink():
+                raise ValueError(f"checkpoint must not contain symlinks: {root_path / dn}")
+        for fn in sorted(filenames):
+            fpath = root_path / fn
+            rel = fpath.relative_to(tmp).as_posix()
+            if fpath.is_symlink() or not fpath.is_file():
+                raise ValueError(f"checkpoint may only contain regular files: {rel}")
+            if rel == MANIFEST_NAME:
+                raise ValueError(f"write_files must not create {MANIFEST_NAME} itself")
+            slow_write_pause()
+            fsync_file(fpath)
+            files[rel] = {"size": fpath.stat().st_size, "sha256": sha256_file(fpath)}
+    if not files:
+        raise ValueError(f"write_files wrote no files into {tmp}")
+    # Directories after their contents, deepest first, so every entry is durable.
+    for dpath in reversed(dirs):
+        fsync_dir(dpath)
+    return files
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        slow_write_pause()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(tmp)
+
+
+def _corrupt_name(d: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = d / f"{name}.corrupt-{stamp}"
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = d / f"{name}.corrupt-{stamp}-{n}"
+    return aside
+
+
+def _install(d: Path, tmp: Path, name: str) -> Path:
+    """Rename the sealed ``tmp`` to ``d/name``, dealing with an existing ``name``."""
+    final = d / name
+    if not (final.exists() or final.is_symlink()):
+        os.rename(tmp, final)
+        fsync_dir(d)
+        return final
+
+    reason = verify_checkpoint(final, deep=True)
+    if reason is None:
+        # Re-save of the same step (e.g. after resume). Keep the verified copy until the new
+        # one is in place: old aside, new in, then delete old. A kill between the renames
+        # leaves both complete copies under dot-names; find_latest restores the old one.
+        old = d / f".{name}.old-{_token()}"
+        with claimed(old):
+            os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old, final)  # put the verified copy back before giving up
+                raise
+            fsync_dir(d)
+            log.info("replaced existing checkpoint %s with a new save of the same step", final)
+            _remove_tree(old)
+        return final
+
+    # Existing dir does not verify: never overwrite or delete what the user may want back.
+    aside = _corrupt_name(d, name)
+    os.rename(final, aside)
+    log.warning(
+        "existing %s does not verify (%s); moved it aside to %s instead of deleting it",
+        final,
+        reason,
+        aside,
+    )
+    os.rename(tmp, final)
+    fsync_dir(d)
+    return final
+
+
+def write_checkpoint(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
+    """Write checkpoint ``step`` crash-safely and return its ``step_N`` directory.
+
+    ``write_files(tmpdir)`` writes any regular files (subdirectories allowed) into a fresh
+    temp dir; this function then fsyncs them, writes ``manifest.json`` last and renames the
+    dir into place. Stale temp dirs of killed writers are removed first. If ``step_N`` exists
+    and verifies it is replaced safely; if it exists but does not verify it is moved aside as
+    ``step_N.corrupt-<time>``. On any exception the temp dir is removed and the existing
+    checkpoints are untouched.
+    """
+    _check_step(step)
+    d = Path(checkpoints_dir)
+    try:
+        makedirs_durable(d)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot create checkpoint directory {d}: {err.strerror or err}; "
+            "choose a writable output directory"
+        ) from err
+    clean_stale(d)
+
+    name = step_dir_name(step)
+    tmp = d / f".{name}.tmp-{_token()}"
+    with claimed(tmp):
+        return _write_sealed(d, tmp, name, step, write_files)
+
+
+def _write_sealed(
+    d: Path, tmp: Path, name: str, step: int, write_files: Callable[[Path], None]
+) -> Path:
+    try:
+        tmp.mkdir()
+        write_files(tmp)
+        files = _seal(tmp)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "step": step,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        _write_manifest(tmp, manifest)
+        final = _install(d, tmp, name)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"out of disk space writing checkpoint {name} in {d} "
+                f"({free_bytes(d)} bytes free); free space or keep fewer checkpoints"
+            ) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Rotation and space
+# --------------------------------------------------------------------------------------------
+
+
+def _delete_checkpoint(d: Path, path: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a half-deleted ``step_*`` dir."""
+    doomed = d / f".deleting-{path.name}-{_token()}"
+    with claimed(doomed):
+        os.rename(path, doomed)
+        fsync_dir(d)
+        _remove_tree(doomed)
+
+
+def rotate(checkpoints_dir: Path, keep: int | None, protect: Path) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest ``keep``; return what was removed.
+
+    ``keep`` None or <= 0 keeps everything. ``protect`` (the checkpoint just written) is never
+    deleted, and if it does not verify nothing is deleted at all. Incomplete or corrupt
+    checkpoints are never touched and do not count towards ``keep``.
+    """
+    if keep is None or keep <= 0:
+        return []
+    d = Path(checkpoints_dir)
+    protect = Path(protect)
+    reason = verify_checkpoint(protect, deep=False)
+    if reason is not None:
+        log.warning(
+            "not rotating checkpoints: the new checkpoint %s is invalid (%s)", protect, reason
+        )
+        return []
+    protect_real = protect.resolve()
+    complete = [p for p in list_checkpoints(d) if verify_checkpoint(p, deep=False) is None]
+    removed: list[Path] = []
+    for path in complete[: max(0, len(complete) - keep)]:
+        if path.resolve() == protect_real:
+            continue
+        try:
+            _delete_checkpoint(d, path)
+        except OSError as err:
+            log.warning("could not delete old checkpoint %s: %s", path, err)
+            continue
+        log.info("deleted old checkpoint %s (keeping the newest %d)", path, keep)
+        removed.append(path)
+    return removed
+
+
+def has_room(checkpoints_dir: Path, needed_bytes: int, margin: float = 1.1) -> tuple[bool, int]:
+    """(enough, free): whether ``needed_bytes * margin`` fits on the checkpoint filesystem."""
+    free = free_bytes(Path(checkpoints_dir))
+    return free >= needed_bytes * margin, free

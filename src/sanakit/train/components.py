@@ -1,0 +1,111 @@
+"""Build the parts of a run from its config: encoders, data, model, optimizer, schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from sanakit.config import Config
+from sanakit.errors import ConfigError
+from sanakit.model import build_transformer
+
+log = logging.getLogger("sanakit")
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (and on CPU when asked); never fp16 (100x slower on CPU)."""
+    mp = cfg.train.mixed_precision
+    if mp == "bf16" or (mp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def accelerate_precision(cfg: Config, device_type: str) -> str:
+    mp = cfg.train.mixed_precision
+    if mp == "bf16" or (mp == "auto" and device_type == "cuda"):
+        return "bf16"
+    return "no"
+
+
+def build_dataset(cfg: Config) -> Dataset:
+    from sanakit.data.formats import build_dataset as build_format_dataset
+
+    dataset = build_format_dataset(cfg.data, cfg.model.image_size, cfg.seed)
+    if cfg.data.max_samples and cfg.data.max_samples < len(dataset):
+        skips = getattr(dataset, "skips", None)
+        dataset = Subset(dataset, range(cfg.data.max_samples))
+        dataset.skips = skips  # type: ignore[attr-defined]
+    return dataset
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "came":
+        try:
+            from came_pytorch import CAME
+        except ImportError:  # pragma: no cover - pinned dependency
+            raise ConfigError("train.optimizer=came needs the came-pytorch package") from None
+        return CAME(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999, 0.9999))
+    raise ConfigError(f"unknown train.optimizer '{t.optimizer}'; use adamw or came")
+
+
+def build_lr_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Constant LR after a linear warmup (Sana's default schedule)."""
+    warmup = cfg.train.warmup_steps
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Models:
+    text_encoder: Any  # sanakit.text.TextEncoder
+    autoencoder: Any  # sanakit.autoencoder.Autoencoder
+    transformer: torch.nn.Module
+
+
+def build_models(cfg: Config, device: torch.device) -> Models:
+    from sanakit.autoencoder import build_autoencoder
+    from sanakit.text import build_text_encoder
+
+    text_encoder = build_text_encoder(cfg.text_encoder, device)
+    autoencoder = build_autoencoder(cfg.vae, device, torch.float32)
+    factor = autoencoder.downsample_factor
+    if cfg.model.image_size % (factor * cfg.model.patch_size):
+        raise ConfigError(
+            f"model.image_size={cfg.model.image_size} is not divisible by the autoencoder factor "
+            f"{factor} x model.patch_size {cfg.model.patch_size}; pick a multiple of "
+            f"{factor * cfg.model.patch_size}"
+        )
+    torch.manual_seed(cfg.seed)  # reproducible initial weights
+    transformer = build_transformer(
+        cfg, autoencoder.latent_channels, text_encoder.hidden_size, factor
+    ).to(device)
+    return Models(text_encoder, autoencoder, transformer)
+
+
+def latent_shape(cfg: Config, autoencoder: Any) -> tuple[int, int, int]:
+    side = cfg.model.image_size // autoencoder.downsample_factor
+    return (autoencoder.latent_channels, side, side)
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Model + EMA (fp32) + AdamW moments (2x fp32), plus slack for small files."""
+    n = sum(p.numel() for p in model.parameters())
+    return int(n * 4 * 4 + 1_000_000)
+
+
+def steps_per_epoch(num_batches: int, accumulation: int) -> int:
+    return max(1, math.ceil(num_batches / accumulation))

@@ -1,0 +1,210 @@
+"""Everything that must survive a restart, in one object that saves and loads itself.
+
+A checkpoint directory holds: the model and EMA weights (safetensors), optimizer, LR-scheduler and
+grad-scaler state, the python/numpy/torch(/cuda) RNG state and the training generator of every
+rank, every rank's data-sampler position, step and epoch, the resolved config, and the null
+embedding with its provenance. Nothing read back can execute code: safetensors for weights,
+``torch.load(weights_only=True)`` or JSON for the rest. The directory mechanics (temp dir, fsync,
+manifest, rename) live in ``train/checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sanakit import __version__
+from sanakit.artifacts import PROVENANCE
+from sanakit.data.sampler import ResumableSampler
+from sanakit.errors import CheckpointError
+from sanakit.text.null_embedding import EMBEDS, MASK, NullEmbedding
+
+log = logging.getLogger("sanakit")
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+NULL_EMBED_FILE = "null_embed.pth"
+TRAINER_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    """This process's RNG state, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, kept in fp32."""
+
+    def __init__(self, model: torch.nn.Module, rate: float) -> None:
+        self.rate = rate
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.rate)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow, strict=True))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state[name])
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, value in zip(self.names, self.shadow, strict=True):
+            params[name].copy_(value.to(params[name].dtype))
+
+
+@dataclass
+class TrainState:
+    """The resumable state of a run. The loop mutates it; only this class reads or writes it."""
+
+    model: torch.nn.Module  # unwrapped (no DDP/FSDP wrapper)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: ResumableSampler
+    generator: torch.Generator  # noise, sigmas, caption dropout: the only training randomness
+    null: NullEmbedding
+    config_yaml: str
+    rank: int = 0
+    world_size: int = 1
+    grad_scaler: Any = None
+    step: int = 0  # optimizer steps completed
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    # ---- saving ---------------------------------------------------------------------------
+    def per_rank_state(self) -> dict[str, Any]:
+        """What differs between ranks; gathered to the main process before a save."""
+        return {
+            "rank": self.rank,
+            "rng": capture_rng(self.generator),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def write(self, directory: Path, ranks: list[dict[str, Any]]) -> None:
+        """Write every file of a checkpoint into ``directory`` (a temporary dir)."""
+        save_file(_contiguous(self.model.state_dict()), str(directory / MODEL_FILE))
+        save_file(_contiguous(self.ema.state_dict()), str(directory / EMA_FILE))
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), directory / "lr_scheduler.pt")
+        if self.grad_scaler is not None:
+            torch.save(self.grad_scaler.state_dict(), directory / "grad_scaler.pt")
+        for r in ranks:
+            torch.save(r["rng"], directory / f"rng_rank{r['rank']}.pt")
+            (directory / f"sampler_rank{r['rank']}.json").write_text(json.dumps(r["sampler"]))
+        null = {**self.null.tensors(), PROVENANCE: {"key": self.null.provenance}}
+        torch.save(null, directory / NULL_EMBED_FILE)
+        (directory / CONFIG_FILE).write_text(self.config_yaml)
+        trainer = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "sanakit_version": __version__,
+            "null_embed_provenance": self.null.provenance,
+            **self.extra,
+        }
+        (directory / TRAINER_FILE).write_text(json.dumps(trainer, indent=2))
+
+    # ---- loading --------------------------------------------------------------------------
+    def load(self, directory: Path) -> None:
+        """Restore everything from a verified checkpoint directory."""
+        trainer = read_trainer_state(directory)
+        self.model.load_state_dict(load_file(str(directory / MODEL_FILE)))
+        self.ema.load_state_dict(load_file(str(directory / EMA_FILE)))
+        self.optimizer.load_state_dict(_torch_load(directory / "optimizer.pt"))
+        self.lr_scheduler.load_state_dict(_torch_load(directory / "lr_scheduler.pt"))
+        if self.grad_scaler is not None and (directory / "grad_scaler.pt").exists():
+            self.grad_scaler.load_state_dict(_torch_load(directory / "grad_scaler.pt"))
+        saved_world = int(trainer.get("world_size", 1))
+        rank_file = self.rank if self.rank < saved_world else 0
+        sampler_state = json.loads((directory / f"sampler_rank{rank_file}.json").read_text())
+        try:
+            self.sampler.load_state_dict(sampler_state)
+        except ValueError as err:
+            raise CheckpointError(
+                f"cannot resume {directory}: {err}; keep the dataset and the global batch "
+                "(train_batch_size x processes) as they were, or start a new work_dir"
+            ) from None
+        if saved_world == self.world_size:
+            restore_rng(_torch_load(directory / f"rng_rank{self.rank}.pt"), self.generator)
+        else:
+            # the sampler position re-shards exactly (it counts samples, not batches); the
+            # shared training generator is identical on every rank, so rank 0's state serves all
+            restore_rng(_torch_load(directory / "rng_rank0.pt"), self.generator)
+            log.warning(
+                "resuming with %d processes from a checkpoint written by %d: data order and "
+                "noise continue exactly; per-rank global RNG streams are re-derived",
+                self.world_size,
+                saved_world,
+            )
+        self.step = int(trainer["step"])
+
+
+def read_trainer_state(directory: Path) -> dict:
+    try:
+        return json.loads((Path(directory) / TRAINER_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {directory} has no readable {TRAINER_FILE} ({err})"
+        ) from None
+
+
+def read_null_embedding(directory: Path) -> NullEmbedding:
+    """The checkpoint's own copy of the null embedding (resume and sample never need another)."""
+    path = Path(directory) / NULL_EMBED_FILE
+    data = _torch_load(path)
+    provenance = (data.get(PROVENANCE) or {}).get("key", {})
+    return NullEmbedding(data[EMBEDS], data[MASK], provenance, str(path))
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as err:  # corrupt pickle/zip: report which file
+        raise CheckpointError(
+            f"checkpoint file {path} is unreadable ({type(err).__name__})"
+        ) from None
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
