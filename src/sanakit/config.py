@@ -98,6 +98,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16
     early_stop_hours: float = 0.0  # 0 = no wall-clock budget
     cache_mode: str = "readwrite"  # off | read | readwrite
+    cache_dir: str = ""  # "" = {work_dir}/cache (text embeddings and latents)
     dry_run: bool = False
 
 
@@ -177,6 +178,8 @@ def parse_override(arg: str) -> tuple[str, Any]:
     key = key.strip().replace("-", "_") if key.strip() in ("dry-run",) else key.strip()
     if not key:
         raise ConfigError(f"override '{arg}' has no key; write it as --group.key=value")
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        raw = raw[1:-1]  # quotes that survived the shell, e.g. from a launcher's arg list
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -210,6 +213,8 @@ def apply_debug(cfg: Config) -> Config:
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; each failure names the key and the fix."""
     t, m = cfg.train, cfg.model
+    if t.cache_mode == "False":  # YAML 1.1 reads a bare `off` as false
+        t.cache_mode = "off"
     positive = {
         "model.image_size": m.image_size,
         "model.patch_size": m.patch_size,

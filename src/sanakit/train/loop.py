@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from sanakit.caches import LatentCache, TextEmbeddingCache
 from sanakit.config import Config, null_embed_root, to_yaml
 from sanakit.data.sampler import ResumableSampler
 from sanakit.errors import CheckpointError, SanakitError
@@ -146,7 +147,10 @@ def train(cfg: Config) -> Path:
         is_builder=accelerator.is_local_main_process,
         barrier=accelerator.wait_for_everyone,
     )
-    captions = CaptionEncoder(models.text_encoder, cfg)
+    captions = CaptionEncoder(
+        models.text_encoder, cfg, store=TextEmbeddingCache.from_config(cfg, models.text_encoder)
+    )
+    latent_cache = LatentCache.from_config(cfg, models.autoencoder)
     dataset = build_dataset(cfg)
     sampler = ResumableSampler(len(dataset), cfg.train.train_batch_size, cfg.seed, rank, world)
     if sampler.dropped_per_epoch:
@@ -226,7 +230,7 @@ def train(cfg: Config) -> Path:
                 continue  # every sample of this rank's share was unreadable
             tick = timers.add("data", tick)
 
-            x0 = models.autoencoder.encode(batch["pixels"].to(device))
+            x0 = latent_cache.encode(batch["pixels"])  # per image: cached or encoded alone
             tick = timers.add("autoencoder", tick)
             embeds, mask = captions.encode(batch["captions"])
             tick = timers.add("text", tick)
@@ -242,10 +246,11 @@ def train(cfg: Config) -> Path:
             seen_total += len(dropped)
 
             is_last_micro = micro == accum - 1
+            # between optimizer steps, skip the gradient all-reduce (DDP no_sync)
             sync = accelerator.no_sync(ddp_model) if not is_last_micro else _null_context()
-            with sync, torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                out = flow_matching_loss(ddp_model, x0, embeds, mask, sigmas, noise)
             with sync:
+                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                    out = flow_matching_loss(ddp_model, x0, embeds, mask, sigmas, noise)
                 accelerator.backward(out.loss / accum)
             step_loss += out.loss.detach() / accum
             for b, v in loss_by_sigma_bin(out.per_sample, sigmas).items():
