@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sanakit.artifacts import Artifact, get_or_build, load_valid
+from sanakit.artifacts import Artifact, get_or_build
 from sanakit.errors import ArtifactError, CheckpointError
 from sanakit.text.null_embedding import (
     EMBEDS,

@@ -10,9 +10,11 @@ Everything that must survive a restart lives in ``TrainState``.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import signal
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +87,12 @@ class Timers:
 
 
 def setup_accelerator(cfg: Config) -> Accelerator:
+    # DDP warns once per rank about the depthwise conv's gradient strides; it is harmless
+    warnings.filterwarnings("ignore", message=".*[Gg]rad strides do not match bucket view")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # accelerate runs FSDP only on accelerators; on CPU the processes train as DDP
+        log.warning("FSDP was requested but there is no GPU: training with DDP (MULTI_CPU)")
     return Accelerator(
         mixed_precision=accelerate_precision(cfg, device_type),
         cpu=device_type == "cpu",
@@ -137,6 +144,10 @@ def train(cfg: Config) -> Path:
         atomic_write_text(work_dir / "config.yaml", to_yaml(cfg))
     accelerator.wait_for_everyone()
     setup_logging(work_dir, is_main)
+    log.info(
+        "device %s, %d process(es), %s, mixed precision %s",
+        device, world, accelerator.distributed_type.value, accelerator.mixed_precision,
+    )  # fmt: skip
     resume_dir = resolve_resume(cfg)
 
     # ---- the parts --------------------------------------------------------------------------
@@ -181,7 +192,12 @@ def train(cfg: Config) -> Path:
         )
         state.load(resume_dir)
         log.info("resumed from %s at step %d (epoch %d)", resume_dir, state.step, state.epoch)
-    metrics = MetricsFile(work_dir / "metrics.jsonl", is_main, keep_until=state.step)
+    metrics = MetricsFile(
+        work_dir / "metrics.jsonl",
+        is_main,
+        keep_until=state.step,
+        reduce=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
+    )
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     state.grad_scaler = accelerator.scaler
     writer = make_writer(cfg, work_dir) if is_main else None
@@ -424,8 +440,9 @@ class MetricsFile:
     file always reads like one uninterrupted run.
     """
 
-    def __init__(self, path: Path, enabled: bool, keep_until: int) -> None:
+    def __init__(self, path: Path, enabled: bool, keep_until: int, reduce=None) -> None:
         self.path, self.enabled = path, enabled
+        self.reduce = reduce  # mean over ranks: the logged loss is the global batch's
         if enabled and path.exists():
             rows = [r for r in path.read_text().splitlines() if r.strip()]
             kept = []
@@ -440,7 +457,10 @@ class MetricsFile:
     def flush(self, step: int, window: list[torch.Tensor]) -> list[float]:
         if not window:
             return [float("nan")]
-        losses = torch.stack(window).float().cpu().tolist()  # the only host sync per interval
+        stacked = torch.stack(window).float()
+        if self.reduce is not None:
+            stacked = self.reduce(stacked)  # every rank flushes at the same steps
+        losses = stacked.cpu().tolist()  # the only host sync per log interval
         if self.enabled:
             first = step - len(losses) + 1
             with self.path.open("a") as f:
