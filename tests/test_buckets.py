@@ -1,4 +1,4 @@
-"""Aspect-ratio bucket tables, assignment, and the resumable, rank-sharded batch sampler."""
+"""Aspect-ratio bucket tables, assignment, and bucketed batches from the resumable sampler."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from PIL import Image
 
-from sanakit.data.buckets import BucketBatchSampler, assign_bucket, bucket_table
+from sanakit.data.buckets import assign_bucket, assign_buckets, bucket_table
 from sanakit.data.formats import build_dataset, collate
-from sanakit.errors import CheckpointError, ConfigError
+from sanakit.data.sampler import ResumableSampler
+from sanakit.errors import ConfigError
 
 # 3 buckets of unequal size, interleaved so grouping has real work to do.
 KEYS = ["a", "b", "c", "a", "a", "b", "c", "a", "b", "a", "a", "c", "a", "b", "a", "a", "b"]
@@ -49,38 +50,30 @@ def test_assign_bucket_closest_ratio() -> None:
         assign_bucket(0, 10, table)
 
 
-def all_batches(sampler: BucketBatchSampler) -> list[list[int]]:
-    return [list(b) for b in sampler]
+def rank_batches(s: ResumableSampler) -> list[list[int]]:
+    return list(s.batches())
 
 
 def test_batches_never_mix_buckets_and_cover_each_index_once() -> None:
-    for drop_last in (False, True):
-        ranks = [
-            BucketBatchSampler(KEYS, 3, seed=7, rank=r, world_size=2, drop_last=drop_last)
-            for r in range(2)
-        ]
-        per_rank = [all_batches(s) for s in ranks]
-        assert [len(b) for b in per_rank] == [len(s) for s in ranks]
-        seen = [i for batches in per_rank for b in batches for i in b]
-        assert len(seen) == len(set(seen))  # nobody sees an index twice
-        for batches in per_rank:
-            for b in batches:
-                assert len({KEYS[i] for i in b}) == 1 and 1 <= len(b) <= 3
-        if drop_last:
-            assert len(per_rank[0]) == len(per_rank[1])
-            assert all(len(b) == 3 for batches in per_rank for b in batches)
-        else:
-            assert sorted(seen) == list(range(len(KEYS)))
-        # Rank r holds batches r, r + 2, ... of the shared epoch order.
-        everything = ranks[0].epoch_batches(0)
-        assert per_rank[0] == everything[0::2] and per_rank[1] == everything[1::2]
+    ranks = [
+        ResumableSampler(len(KEYS), 3, seed=7, rank=r, world_size=2, groups=KEYS) for r in (0, 1)
+    ]
+    per_rank = [rank_batches(s) for s in ranks]
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert len(seen) == len(set(seen))  # nobody sees an index twice
+    assert len(seen) == len(KEYS) - ranks[0].dropped_per_epoch
+    for batches in per_rank:
+        for b in batches:
+            assert len({KEYS[i] for i in b}) == 1 and 1 <= len(b) <= 3
+    # every rank takes its share of the same global batches, so ranks step together
+    assert len(per_rank[0]) == len(per_rank[1])
+    for global_batch, mine, theirs in zip(ranks[0].global_batches(), *per_rank, strict=True):
+        assert mine == global_batch[0::2] and theirs == global_batch[1::2]
 
 
 def test_deterministic_by_seed_and_epoch() -> None:
     def epoch(seed: int, e: int) -> list[list[int]]:
-        s = BucketBatchSampler(KEYS, 2, seed=seed)
-        s.set_epoch(e)
-        return all_batches(s)
+        return ResumableSampler(len(KEYS), 2, seed=seed, groups=KEYS).epoch_batches(e)
 
     assert epoch(1, 0) == epoch(1, 0)
     assert epoch(1, 0) != epoch(1, 1)
@@ -88,36 +81,20 @@ def test_deterministic_by_seed_and_epoch() -> None:
 
 
 def test_state_dict_resume_gives_exactly_the_remaining_batches() -> None:
-    full = BucketBatchSampler(KEYS, 2, seed=3, rank=1, world_size=2)
-    full.set_epoch(4)
-    expected = all_batches(full)
-    assert full.state_dict() == {"epoch": 4, "batches_done": len(expected)}
-
-    run = BucketBatchSampler(KEYS, 2, seed=3, rank=1, world_size=2)
-    run.set_epoch(4)
-    it = iter(run)
-    head = [next(it) for _ in range(2)]
-    state = run.state_dict()
-    assert state == {"epoch": 4, "batches_done": 2}
-
-    resumed = BucketBatchSampler(KEYS, 2, seed=3, rank=1, world_size=2)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(4)  # the usual call at the top of the epoch loop must not rewind
-    assert head + all_batches(resumed) == expected
-    resumed.set_epoch(5)  # a new epoch starts from its first batch
-    assert resumed.state_dict() == {"epoch": 5, "batches_done": 0}
-    assert len(all_batches(resumed)) == len(resumed)
-    # A loop that prefetches reports what it actually consumed.
-    assert run.state_dict(batches_done=1) == {"epoch": 4, "batches_done": 1}
-    with pytest.raises(CheckpointError):
-        resumed.load_state_dict({"epoch": 1})
-
-
-def test_bad_arguments() -> None:
-    with pytest.raises(ConfigError):
-        BucketBatchSampler(KEYS, 0)
-    with pytest.raises(ValueError):
-        BucketBatchSampler(KEYS, 2, rank=2, world_size=2)
+    full = ResumableSampler(len(KEYS), 2, seed=3, rank=1, world_size=2, groups=KEYS)
+    full.start_next_epoch()
+    expected = rank_batches(full)
+    run = ResumableSampler(len(KEYS), 2, seed=3, rank=1, world_size=2, groups=KEYS)
+    run.start_next_epoch()
+    run.advance()
+    run.advance()
+    resumed = ResumableSampler(len(KEYS), 2, seed=3, rank=1, world_size=2, groups=KEYS)
+    resumed.load_state_dict(run.state_dict())
+    assert rank_batches(resumed) == expected[2:]
+    with pytest.raises(ValueError, match="multi_scale"):
+        ResumableSampler(len(KEYS), 2, seed=3, rank=1, world_size=2).load_state_dict(
+            run.state_dict()
+        )
 
 
 def png(w: int, h: int) -> bytes:
@@ -134,10 +111,10 @@ def test_from_dataset_resizes_each_index_to_its_bucket(tmp_path: Path) -> None:
     cfg = SimpleNamespace(type="image_folder", data_dir=[str(tmp_path)], random_flip=False)
     ds = build_dataset(cfg, 64, seed=0)
     table = bucket_table(64)
-    sampler = BucketBatchSampler.from_dataset(ds, 2, table=table, seed=0)
-    assert sampler.target_sizes == [ds.target_size_for(i) for i in range(len(ds))]
+    keys = assign_buckets(ds, table)
     assert ds.target_size_for(1) == (32, 128) and ds.target_size_for(0) == (64, 64)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    sampler = ResumableSampler(len(ds), 2, seed=0, groups=keys)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=list(sampler), collate_fn=collate)
     seen = []
     for batch in loader:
         h, w = batch["pixels"].shape[-2:]
@@ -145,14 +122,11 @@ def test_from_dataset_resizes_each_index_to_its_bucket(tmp_path: Path) -> None:
             ds.target_size_for(int(i.split(":")[1].split(".")[0])) == (h, w) for i in batch["id"]
         )
         seen += batch["id"]
-    assert sorted(seen) == sorted(f"0:{i}.png" for i in range(len(sizes)))
-    # No table: one bucket, square default size.
-    plain = BucketBatchSampler.from_dataset(build_dataset(cfg, 64, seed=0), 3)
-    assert sorted(i for b in plain for i in b) == list(range(len(sizes)))
+    assert len(seen) == len(set(seen)) == len(sizes) - sampler.dropped_per_epoch
 
     class NoSizes(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return 4
 
     with pytest.raises(ConfigError, match="multi_scale"):
-        BucketBatchSampler.from_dataset(NoSizes(), 2, table=table)
+        assign_buckets(NoSizes(), table)

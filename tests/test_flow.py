@@ -106,7 +106,8 @@ def test_sampler_covers_each_sample_once_per_epoch_across_ranks():
         s = ResumableSampler(n, bs, seed=5, rank=rank, world_size=world)
         for batch in s.batches():
             seen.extend(batch)
-    assert len(seen) == len(set(seen)) == ResumableSampler(n, bs, 5, 0, world).usable_per_epoch
+    assert len(seen) == len(set(seen))
+    assert n - len(seen) == ResumableSampler(n, bs, 5, 0, world).dropped_per_epoch
     assert n - len(seen) < world  # only a remainder smaller than the world size is dropped
 
 
@@ -134,3 +135,20 @@ def test_sampler_position_reshards_when_world_size_changes():
         s.load_state_dict(one.state_dict())
     merged = sorted(i for s in two for b in s.batches() for i in b)
     assert merged == sorted(rest)
+
+
+def test_grouped_batches_never_mix_groups_and_resume_exactly():
+    groups = ["wide" if i % 3 == 0 else "tall" for i in range(70)]
+    seen = []
+    for rank in range(2):
+        s = ResumableSampler(70, 4, seed=3, rank=rank, world_size=2, groups=groups)
+        for batch in s.batches():
+            assert len({groups[i] for i in batch}) == 1
+            seen.extend(batch)
+    assert len(seen) == len(set(seen)) >= 70 - 2 * 2  # at most one short chunk per group dropped
+    full = ResumableSampler(70, 4, seed=3, groups=groups)
+    order = list(full.global_batches())
+    assert {len({groups[i] for i in b}) for b in order} == {1}
+    resumed = ResumableSampler(70, 4, seed=3, groups=groups)
+    resumed.load_state_dict({**full.state_dict(), "batches_done": 4})
+    assert list(resumed.global_batches()) == order[4:]

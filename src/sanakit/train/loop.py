@@ -10,8 +10,8 @@ Everything that must survive a restart lives in ``TrainState``.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import signal
 import time
 import warnings
@@ -45,6 +45,7 @@ from sanakit.train.components import (
     build_optimizer,
     estimate_checkpoint_bytes,
     latent_shape,
+    target_size,
 )
 from sanakit.train.state import EMA, TrainState, read_trainer_state
 
@@ -162,8 +163,11 @@ def train(cfg: Config) -> Path:
         models.text_encoder, cfg, store=TextEmbeddingCache.from_config(cfg, models.text_encoder)
     )
     latent_cache = LatentCache.from_config(cfg, models.autoencoder)
-    dataset = build_dataset(cfg)
-    sampler = ResumableSampler(len(dataset), cfg.train.train_batch_size, cfg.seed, rank, world)
+    factor = models.autoencoder.downsample_factor
+    dataset, buckets = build_dataset(cfg, factor)
+    sampler = ResumableSampler(
+        len(dataset), cfg.train.train_batch_size, cfg.seed, rank, world, groups=buckets
+    )
     if sampler.dropped_per_epoch:
         log.info(
             "%d samples per epoch do not fill a batch for every rank", sampler.dropped_per_epoch
@@ -236,7 +240,9 @@ def train(cfg: Config) -> Path:
                 cfg.scheduler.logit_std,
                 cfg.scheduler.flow_shift,
             )
-            noise = torch.randn((global_size, *x_shape), generator=state.generator)
+            h, w = batch["size"]  # the global batch's (bucket) size: same on every rank
+            noise_shape = (global_size, x_shape[0], h // factor, w // factor)
+            noise = torch.randn(noise_shape, generator=state.generator)
             drop_draw = torch.rand(global_size, generator=state.generator)
             mine = batch["positions"]  # this rank's surviving positions in the global batch
             sigmas, noise, drop_draw = sigmas[mine], noise[mine].to(device), drop_draw[mine]
@@ -346,6 +352,9 @@ def train(cfg: Config) -> Path:
             break
         if bad_samples and is_main:
             log.warning("epoch %d: skipped %d unreadable samples", sampler.epoch, bad_samples)
+        if writer is not None:
+            skips = getattr(getattr(dataset, "skips", None), "total", 0)
+            writer.add_scalar("data/skipped_samples", bad_samples + skips, sampler.epoch)
         bad_samples = 0
         sampler.start_next_epoch()
         finished = sampler.epoch >= cfg.train.num_epochs
@@ -403,7 +412,9 @@ def make_loader(dataset, sampler: ResumableSampler, cfg: Config):
         def __len__(self) -> int:
             return len(sampler)
 
-    sizes = [len(g) for g in sampler.global_batches()]
+    sizes = [
+        (len(g), target_size(dataset, g[0], cfg.model.image_size)) for g in sampler.global_batches()
+    ]
     loader = DataLoader(
         dataset,
         batch_sampler=_Batches(),
@@ -411,11 +422,12 @@ def make_loader(dataset, sampler: ResumableSampler, cfg: Config):
         num_workers=cfg.data.num_workers,
         persistent_workers=False,
     )
-    for global_size, batch in zip(sizes, loader, strict=True):
+    for (global_size, size), batch in zip(sizes, loader, strict=True):
         positions = torch.arange(sampler.rank, global_size, sampler.world_size)
         if batch is None:
             yield {
                 "global_size": global_size,
+                "size": size,
                 "positions": positions[:0],
                 "pixels": None,
                 "num_bad": len(positions),
@@ -426,6 +438,7 @@ def make_loader(dataset, sampler: ResumableSampler, cfg: Config):
             positions = positions[torch.as_tensor(keep, dtype=torch.long)]
         yield {
             "global_size": global_size,
+            "size": size,
             "positions": positions,
             "pixels": batch["pixels"],
             "captions": batch["captions"],
