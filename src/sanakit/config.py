@@ -175,11 +175,13 @@ def parse_override(arg: str) -> tuple[str, Any]:
         key, raw = body, "true"
     else:
         key, raw = body.split("=", 1)
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        raw = raw[1:-1]  # quotes that survived the shell, e.g. from a launcher's arg list
     key = key.strip().replace("-", "_") if key.strip() in ("dry-run",) else key.strip()
     if not key:
         raise ConfigError(f"override '{arg}' has no key; write it as --group.key=value")
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
-        raw = raw[1:-1]  # quotes that survived the shell, e.g. from a launcher's arg list
+    if _field_type(key) == "str":
+        return key, raw.strip("\"'")  # text stays text: `off`, `1e-4`, `null` are not YAML here
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:

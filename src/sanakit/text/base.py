@@ -226,7 +226,12 @@ def hash_tokenizer_object(tokenizer: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        definition = json.loads(backend.to_str())
+        # padding/truncation are call-time settings the encoder changes on first use; they do
+        # not change what a token means, so they must not change the fingerprint
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+        h.update(json.dumps(definition, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     specials = {

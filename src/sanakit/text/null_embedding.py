@@ -74,6 +74,27 @@ def encoder_identity(provenance: dict) -> dict:
     return {k: provenance.get(k) for k in IDENTITY}
 
 
+def null_embedding_artifact(encoder: TextEncoder, root: Path) -> Artifact:
+    """The artifact declaration of ``encoder``'s null embedding under ``root``.
+
+    Exposed so that read-only callers (``sanakit doctor``) can check the very file
+    ``obtain_null_embedding`` would use; building stays ``obtain_null_embedding``'s job.
+    """
+
+    def build() -> dict[str, torch.Tensor]:
+        embeds, mask = encoder.null_embedding()
+        return {EMBEDS: embeds.detach().cpu(), MASK: mask.detach().cpu().long()}
+
+    return Artifact(
+        path=Path(root) / sana_filename(encoder),
+        key=encoder_identity(encoder.provenance()),
+        build=build,
+        validate=shape_check(encoder.max_length, encoder.hidden_size),
+        accept_unkeyed=True,  # a file written by Sana itself
+        what="null embedding",
+    )
+
+
 def obtain_null_embedding(
     encoder: TextEncoder,
     root: Path,
@@ -82,20 +103,8 @@ def obtain_null_embedding(
     barrier: Callable[[], None] | None = None,
 ) -> NullEmbedding:
     """Load the null embedding for ``encoder`` from ``root``, building it if missing or stale."""
-    path = Path(root) / sana_filename(encoder)
-
-    def build() -> dict[str, torch.Tensor]:
-        embeds, mask = encoder.null_embedding()
-        return {EMBEDS: embeds.detach().cpu(), MASK: mask.detach().cpu().long()}
-
-    artifact = Artifact(
-        path=path,
-        key=encoder_identity(encoder.provenance()),
-        build=build,
-        validate=shape_check(encoder.max_length, encoder.hidden_size),
-        accept_unkeyed=True,  # a file written by Sana itself
-        what="null embedding",
-    )
+    artifact = null_embedding_artifact(encoder, root)
+    path = artifact.path
     got = get_or_build(artifact, is_builder=is_builder, barrier=barrier)
     if got.status == "loaded-unkeyed":
         log.warning(

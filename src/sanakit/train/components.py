@@ -58,6 +58,13 @@ def build_dataset(cfg: Config, factor: int = 1) -> tuple[Dataset, list[str] | No
     return dataset, groups
 
 
+def set_epoch(dataset: Dataset, epoch: int) -> None:
+    """Tell the dataset (or the one under a Subset) which epoch it serves."""
+    inner = getattr(dataset, "dataset", dataset)
+    if hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
+
+
 def target_size(dataset: Dataset, index: int, default: int) -> tuple[int, int]:
     """The (height, width) a sample is resized to: its bucket's, or the square default."""
     sized = getattr(dataset, "target_size_for", None)

@@ -45,6 +45,7 @@ from sanakit.train.components import (
     build_optimizer,
     estimate_checkpoint_bytes,
     latent_shape,
+    set_epoch,
     target_size,
 )
 from sanakit.train.state import EMA, TrainState, read_trainer_state
@@ -226,6 +227,7 @@ def train(cfg: Config) -> Path:
     bins: dict[int, list[float]] = defaultdict(list)
     finished = state.step >= cfg.train.max_steps
     while not finished:
+        set_epoch(dataset, sampler.epoch)  # random flips are seeded by (seed, epoch, index)
         batches = iter(make_loader(dataset, sampler, cfg))
         tick = time.perf_counter()
         for batch in batches:
