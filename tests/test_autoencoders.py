@@ -108,6 +108,8 @@ def test_pipeline_folder_with_vae_subfolder(tmp_path) -> None:
     assert ae.encode(pixels(8, 8)).shape == (2, 4, 4, 4)
 
 
+# huggingface_hub warns about a deprecated argument diffusers passes on the Hub-id code path.
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_load_errors(tmp_path, saved: dict[str, str]) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ModelLoadError, match="nope"):

@@ -134,7 +134,7 @@ class DiffusersAutoencoder(Autoencoder):
         self.module.requires_grad_(False)
         self.latent_channels = int(config["latent_channels"])
         self.downsample_factor = self._downsample_factor(config)
-        own_scale = config.get("scaling_factor")
+        own_scale = config.get("scaling_factor") or 1.0  # absent/null in the config: unscaled
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else own_scale)
         own_shift = config.get("shift_factor")
         self.shift_factor = float(

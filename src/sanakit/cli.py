@@ -23,7 +23,9 @@ commands:
   train  [CONFIG.yaml] [--group.key=value ...] [--debug]   train (or resume) a model
   sample --checkpoint=PATH --prompt=TEXT [...]             sample images from a checkpoint
   eval   --checkpoint=PATH [...]                           colour/shape adherence (shapes model)
+  export CHECKPOINT OUT_DIR [--ema] [--overwrite]          write a diffusers SanaPipeline folder
   doctor [CONFIG.yaml] [--group.key=value ...]             preflight checks
+  cache  build|verify [CONFIG.yaml] [--group.key=value ...] precompute / check the caches
 
 With no CONFIG the packaged default is used (built-in shapes, MiniLM, pixel space, tiny model).
 Overrides follow Sana: --train.train_batch_size=8 --data.data_dir="[a,b]".
@@ -48,14 +50,16 @@ def setup_console_logging(verbose: bool = False) -> None:
     log.propagate = False
     for noisy in ("transformers", "diffusers", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import transformers
+    # The libraries read these when first imported. Importing them here just to set a level
+    # cost ~2.5 s per command, so bad input failed slowly; only already-imported ones are set.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+    if "diffusers" in sys.modules:
         from diffusers.utils import logging as dlog
 
-        transformers.logging.set_verbosity_error()
         dlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -87,6 +91,15 @@ def cmd_train(args: list[str]) -> int:
     config, overrides = split_config_args(args)
     overrides = ["--train.dry_run=true" if o == "--dry_run" else o for o in overrides]
     cfg = load_config(config, overrides)
+    if cfg.train.dry_run:
+        from sanakit.train.dry_run import dry_run
+
+        return dry_run(cfg)
+    from sanakit.doctor import preflight
+
+    # train() runs (and prints) the same checks; running them first, silently, makes a FAIL
+    # cost ~1 s instead of the ~5 s it takes to import the training stack
+    preflight(cfg, echo=False)
     from sanakit.train.loop import train
 
     train(cfg)
@@ -130,6 +143,9 @@ def cmd_sample(args: list[str]) -> int:
         raise SanakitError(f"--out={out} must end in .png")
     if not out.parent.exists() and str(out.parent) not in ("", "."):
         raise SanakitError(f"--out directory {out.parent} does not exist; create it first")
+    from sanakit.train.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(opts.checkpoint)  # fail fast, before the heavy imports
     from PIL import Image
 
     from sanakit.fsutil import atomic_write
@@ -137,7 +153,7 @@ def cmd_sample(args: list[str]) -> int:
     from sanakit.sampling import to_uint8_grid
 
     inf = load_for_inference(
-        opts.checkpoint, ema=opts.ema, allow_encoder_change=opts.allow_encoder_change
+        checkpoint, ema=opts.ema, allow_encoder_change=opts.allow_encoder_change
     )
     t = inf.cfg.train
     batch = [p for p in prompts for _ in range(opts.num_images)]
@@ -201,23 +217,108 @@ def cmd_eval(args: list[str]) -> int:
 
 
 def cmd_doctor(args: list[str]) -> int:
+    """``sanakit doctor [CONFIG] [overrides]``: one PASS/WARN/FAIL line per check; 1 on a FAIL."""
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
     from sanakit.config import load_config
     from sanakit.doctor import run_doctor
 
-    config, overrides = split_config_args(args)
     try:
+        config, overrides = split_config_args(args)
         cfg = load_config(config, overrides)
     except SanakitError as err:
-        print(f"FAIL config: {err}")
+        # a config that does not resolve is itself a failed check, in the same line format
+        print(f"FAIL config: {err} -> fix the config file or override named here", flush=True)
         return 1
-    return run_doctor(cfg)
+    return run_doctor(cfg, config or "")
+
+
+def cmd_export(args: list[str]) -> int:
+    """`sanakit export CHECKPOINT OUT_DIR [--ema] [--overwrite]`: a SanaPipeline folder."""
+    p = OneLineParser(prog="sanakit export", description="Export a checkpoint for diffusers.")
+    p.add_argument("checkpoint", help="checkpoint dir or work_dir (newest)")
+    p.add_argument("out_dir", help="folder to write (must be absent or empty)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    opts = p.parse_args(args)
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    from sanakit.export import export_checkpoint
+
+    # weight-loading/saving progress bars would bury the one-line notices
+    transformers.utils.logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+    result = export_checkpoint(
+        opts.checkpoint, opts.out_dir, ema=opts.ema, overwrite=opts.overwrite
+    )
+    if not result.pipeline_runnable:
+        print(
+            f"note: vae.type={result.settings['vae_type']} cannot run in SanaPipeline; exported "
+            "transformer, scheduler, tokenizer, text encoder and README.md (no model_index.json)"
+        )
+    print(
+        f"wrote {result.out_dir} ({result.settings['weights']} weights, step "
+        f"{result.settings['step']}, from {result.checkpoint})"
+    )
+    return 0
+
+
+CACHE_USAGE = """usage: sanakit cache build|verify [CONFIG.yaml] [--group.key=value ...]
+
+  build   compute and write every caption embedding and latent of the dataset
+  verify  report missing, corrupt and stale entries; exit 0 if complete, 1 if not
+The cache lives in train.cache_dir (default WORK_DIR/cache).
+"""
+
+
+def cmd_cache(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print(CACHE_USAGE)
+        return 0 if args else 2
+    action, rest = args[0], args[1:]
+    if action not in ("build", "verify"):
+        raise SanakitError(f"unknown cache action '{action}'; use `sanakit cache build|verify`")
+    if any(a in ("-h", "--help") for a in rest):
+        print(CACHE_USAGE)
+        return 0
+    from sanakit.caches import build_caches, cache_root, format_verify, verify_caches
+    from sanakit.config import load_config
+
+    config, overrides = split_config_args(rest)
+    cfg = load_config(config, overrides)
+    if action == "build":
+        r = build_caches(cfg)
+        text, latents = r["text"], r["latents"]
+        print(f"cache {r['root']}: {r['samples']} samples ({r['unreadable']} unreadable)")
+        print(
+            f"text embeddings: {r['captions']} captions, {text['computed']} computed "
+            f"({text['invalid']} replaced invalid entries), {text['read']} already valid"
+        )
+        if latents is None:
+            print("latents: skipped (vae.type=pixel trains on pixels: no latent cache)")
+        else:
+            print(
+                f"latents: {r['images']} images{' (both flips)' if r['flip_variants'] else ''}, "
+                f"{latents['computed']} computed ({latents['invalid']} replaced invalid "
+                f"entries), {latents['read']} already valid"
+            )
+        print(f"done in {r['seconds']:.1f}s")
+        return 0
+    sections, unreadable = verify_caches(cfg)
+    print(format_verify(sections, unreadable, cache_root(cfg)))
+    return 1 if any(s.problems() for s in sections) else 0
 
 
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "eval": cmd_eval,
+    "export": cmd_export,
     "doctor": cmd_doctor,
+    "cache": cmd_cache,
 }
 
 
@@ -228,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
+        print(
+            f"error: unknown command '{command}'; use one of: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     setup_console_logging()
     try:

@@ -481,9 +481,14 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
     n = sum(p.numel() for p in model.parameters())
     moments = 8 if t.optimizer == "adamw" else 4
     weights = n * (8 + moments + 4)
+    from sanakit.text.base import resolve_dtype
+
     enc = probe.text_encoder
-    frozen = _params(enc) * torch.finfo(enc.dtype).bits // 8 + _params(probe.autoencoder) * 4
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the doctor loaded the encoder on the CPU; training puts it on `device` at its dtype there
+    cuda_default = getattr(type(enc), "cuda_default_dtype", enc.dtype)
+    enc_dtype = resolve_dtype(cfg.text_encoder.dtype, device, cuda_default)
+    frozen = _params(enc) * torch.finfo(enc_dtype).bits // 8 + _params(probe.autoencoder) * 4
     act_bytes = 2 if autocast_dtype(cfg, device) == torch.bfloat16 else 4
     side = m.image_size // probe.autoencoder.downsample_factor // m.patch_size
     hidden = m.num_attention_heads * m.attention_head_dim
@@ -767,11 +772,15 @@ DOCTOR_CHECKS: tuple[CheckFn, ...] = (
 
 
 def _name(check: CheckFn) -> str:
-    return check.__name__.removeprefix("check_").removesuffix("_target").replace("_full", "")
+    return check.__name__.removeprefix("check_").removesuffix("_target")
 
 
-def run_check(check: CheckFn, cfg: Config, probe: Probe) -> Check:
-    """One check; an error inside it becomes its FAIL line (the doctor never shows tracebacks)."""
+def run_check(check: CheckFn, cfg: Config, probe: Probe, crashed: str = FAIL) -> Check:
+    """One check; an error inside it becomes its line (the doctor never shows tracebacks).
+
+    ``crashed`` is the status of a check that raised something unexpected: FAIL for the doctor,
+    WARN for train's preflight (a bug in a check must not block training).
+    """
     name = _name(check)
     try:
         return check(cfg, probe)
@@ -783,7 +792,7 @@ def run_check(check: CheckFn, cfg: Config, probe: Probe) -> Check:
         first = (str(err).splitlines() or [""])[0][:200]
         return Check(
             name,
-            FAIL,
+            crashed,
             f"the check crashed ({type(err).__name__}: {first})",
             "this is a sanakit bug or an unusual setup; please report this line",
         )
@@ -806,7 +815,7 @@ def preflight(cfg: Config, echo: bool = True) -> list[Check]:
     probe = Probe(cfg, full=False)
     results = []
     for check in CHEAP_CHECKS:
-        result = run_check(check, cfg, probe)
+        result = run_check(check, cfg, probe, crashed=WARN)
         if result.status == FAIL:
             raise PreflightFailed(result.line())
         if echo and _is_main_process():

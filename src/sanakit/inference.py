@@ -15,32 +15,11 @@ from sanakit.errors import CheckpointError
 from sanakit.sampling import sample_latents
 from sanakit.text.cache import CaptionEncoder
 from sanakit.text.null_embedding import NullEmbedding, check_matches_checkpoint
-from sanakit.train import checkpoint as ckpt
+from sanakit.train.checkpoint import resolve_checkpoint
 from sanakit.train.components import autocast_dtype, build_models, latent_shape
 from sanakit.train.state import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_null_embedding
 
 log = logging.getLogger("sanakit")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a work_dir (then its newest verified checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint or work_dir")
-    if (path / "manifest.json").exists() or path.name.startswith("step_"):
-        reason = ckpt.verify_checkpoint(path)
-        if reason:
-            raise CheckpointError(f"checkpoint {path} does not verify ({reason}); use another one")
-        return path
-    latest, skipped = ckpt.find_latest(path / "checkpoints")
-    for bad, reason in skipped:
-        log.warning("skipping checkpoint %s: %s", bad, reason)
-    if latest is None:
-        raise CheckpointError(
-            f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'}); "
-            "train first or pass a checkpoint directory"
-        )
-    return latest
 
 
 @dataclass

@@ -545,3 +545,24 @@ def has_room(checkpoints_dir: Path, needed_bytes: int, margin: float = 1.1) -> t
     """(enough, free): whether ``needed_bytes * margin`` fits on the checkpoint filesystem."""
     free = free_bytes(Path(checkpoints_dir))
     return free >= needed_bytes * margin, free
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a work_dir (then its newest verified checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint or work_dir")
+    if (path / "manifest.json").exists() or path.name.startswith("step_"):
+        reason = verify_checkpoint(path)
+        if reason:
+            raise CheckpointError(f"checkpoint {path} does not verify ({reason}); use another one")
+        return path
+    latest, skipped = find_latest(path / "checkpoints")
+    for bad, reason in skipped:
+        log.warning("skipping checkpoint %s: %s", bad, reason)
+    if latest is None:
+        raise CheckpointError(
+            f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'}); "
+            "train first or pass a checkpoint directory"
+        )
+    return latest

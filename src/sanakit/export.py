@@ -1,0 +1,313 @@
+"""Export a sanakit checkpoint as a diffusers folder that ``SanaPipeline.from_pretrained`` loads.
+
+The folder holds the transformer (model or EMA weights), the scheduler our config samples with,
+the tokenizer and text encoder saved from the loaded encoder objects, and the autoencoder. The
+training settings a user needs to sample like ``sanakit sample`` does (max sequence length,
+instruction prefix, flow shift, CFG scale, sampler + steps, where the null embedding came from)
+are written to ``sanakit.json`` at the top level and repeated in the model card ``README.md``.
+
+A pixel-space model (``vae.type=pixel``) cannot run in SanaPipeline (it needs an AutoencoderDC), so
+it is exported without ``model_index.json``: the parts load one by one with diffusers/transformers.
+
+The folder is written into a temporary sibling and renamed at the end, so a killed export never
+leaves a half folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sanakit.errors import SanakitError
+
+log = logging.getLogger("sanakit")
+
+SETTINGS_FILE = "sanakit.json"
+NULL_EMBED_FILE = "null_embed.pth"  # the checkpoint's null embedding, Sana's key names
+FORMAT = "sanakit-export"
+FORMAT_VERSION = 1
+# The exported encoder must reproduce the checkpoint's null embedding within this (max abs);
+# beyond it, SanaPipeline's unconditional branch (it encodes "" itself) is not the trained one.
+NULL_EMBED_TOLERANCE = 1e-5
+
+
+class ExportError(SanakitError):
+    """The export cannot be written (destination exists, not writable, unsupported model)."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    checkpoint: Path
+    pipeline_runnable: bool  # False for pixel / sd-vae models: no model_index.json
+    settings: dict[str, Any]
+
+
+def _temp_sibling(out_dir: Path, tag: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _remove_stale_siblings(out_dir: Path) -> None:
+    """Delete temp folders of earlier exports to ``out_dir`` whose process is gone (kill -9)."""
+    from sanakit.fsutil import owner_alive
+
+    prefix = f".{out_dir.name}."
+    if not out_dir.parent.is_dir():
+        return
+    for entry in out_dir.parent.iterdir():
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        parts = entry.name[len(prefix) :].split("-")
+        if len(parts) != 3 or parts[0] not in ("tmp", "old") or not parts[1].isdigit():
+            continue
+        if not owner_alive(entry, int(parts[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_destination(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``; the parent must be writable."""
+    from sanakit.fsutil import check_writable
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"export destination {out_dir} is a file; pass a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(
+            f"export destination {out_dir} exists and is not empty; choose another OUT_DIR or "
+            "pass --overwrite"
+        )
+    problem = check_writable(out_dir.parent)  # creates missing parents
+    if problem:
+        raise ExportError(f"cannot write the export next to {out_dir}: {problem}")
+
+
+def _fsync_tree(root: Path) -> None:
+    from sanakit.fsutil import fsync_dir, fsync_file
+
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out_dir``, replacing what is there."""
+    from sanakit.fsutil import fsync_dir
+
+    old = None
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            # rename aside first: a crash between the two renames leaves the old export intact
+            # under a dot-name (cleaned up by the next export) and never a mixed folder
+            old = _temp_sibling(out_dir, "old")
+            os.rename(out_dir, old)
+        else:
+            out_dir.rmdir()
+    os.rename(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def null_embedding_check(encoder: Any, null: Any) -> dict[str, Any]:
+    """How closely the exported encoder reproduces the checkpoint's own null embedding.
+
+    SanaPipeline builds its unconditional branch by encoding ``negative_prompt=""``; it matches
+    our sampling only if that equals the null embedding the model was trained and sampled with.
+    """
+    embeds, mask = encoder.null_embedding()
+    saved_embeds = null.embeds.to(embeds.device, torch.float32)
+    same_mask = bool(torch.equal(mask.long().cpu(), null.mask.long().cpu()))
+    diff = float((embeds.float() - saved_embeds).abs().max())
+    return {"mask_equal": same_mask, "max_abs_diff": diff}
+
+
+def pipeline_kwargs(cfg: Any) -> dict[str, Any]:
+    """The ``SanaPipeline.__call__`` arguments that sample like ``sanakit sample``."""
+    t = cfg.train
+    instruction = cfg.text_encoder.complex_human_instruction
+    return {
+        "height": cfg.model.image_size,
+        "width": cfg.model.image_size,
+        "num_inference_steps": t.sampling_steps,
+        "guidance_scale": t.cfg_scale,
+        "max_sequence_length": cfg.text_encoder.max_length,
+        "complex_human_instruction": list(instruction) if instruction else None,
+        "negative_prompt": "",
+        "use_resolution_binning": False,
+    }
+
+
+def build_settings(
+    cfg: Any, checkpoint: Path, step: int, ema: bool, runnable: bool, null: Any, null_check: dict
+) -> dict[str, Any]:
+    """Everything recorded in ``sanakit.json`` (and summarised in the model card)."""
+    from sanakit import __version__
+    from sanakit.config import to_dict
+
+    instruction = cfg.text_encoder.complex_human_instruction
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "sanakit_version": __version__,
+        "source_checkpoint": str(checkpoint.resolve()),
+        "step": step,
+        "weights": "ema" if ema else "model",
+        "pipeline_runnable": runnable,
+        "image_size": cfg.model.image_size,
+        "vae_type": cfg.vae.type,
+        "text_encoder_type": cfg.text_encoder.type,
+        "max_sequence_length": cfg.text_encoder.max_length,
+        "complex_human_instruction": list(instruction) if instruction else None,
+        "flow_shift": cfg.scheduler.flow_shift,
+        "guidance_scale": cfg.train.cfg_scale,
+        "sampler": cfg.train.sampler,
+        "num_inference_steps": cfg.train.sampling_steps,
+        "null_embedding": {
+            "source": f"checkpoint {checkpoint.name}/null_embed.pth (its own copy)",
+            "file": NULL_EMBED_FILE,
+            "provenance": null.provenance,
+            "exported_encoder_reproduces_it": null_check["mask_equal"]
+            and null_check["max_abs_diff"] <= NULL_EMBED_TOLERANCE,
+            **null_check,
+        },
+        "pipeline_kwargs": pipeline_kwargs(cfg) if runnable else None,
+        "training_config": to_dict(cfg),
+    }
+
+
+def model_card(settings: dict[str, Any]) -> str:
+    """README.md: front matter for the Hub, the recorded settings and how to sample."""
+    s = settings
+    instruction = "none" if not s["complex_human_instruction"] else "yes (see sanakit.json)"
+    null = s["null_embedding"]
+    rows = [
+        ("weights", f"{s['weights']} (step {s['step']})"),
+        ("image size", f"{s['image_size']} px ({s['vae_type']})"),
+        (
+            "text encoder",
+            f"{s['text_encoder_type']}, max_sequence_length {s['max_sequence_length']}",
+        ),
+        ("instruction prefix", instruction),
+        ("flow shift", s["flow_shift"]),
+        ("default CFG scale", s["guidance_scale"]),
+        ("sampler", f"{s['sampler']}, {s['num_inference_steps']} steps"),
+        (
+            "null embedding",
+            f"{null['source']}; exported encoder reproduces it: "
+            f"{null['exported_encoder_reproduces_it']} (max abs diff {null['max_abs_diff']:.2e})",
+        ),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if s["pipeline_runnable"]:
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in s["pipeline_kwargs"].items())
+        usage = (
+            "```python\nimport torch\nfrom diffusers import SanaPipeline\n\n"
+            'pipe = SanaPipeline.from_pretrained("PATH", local_files_only=True)\n'
+            'image = pipe("a red circle", generator=torch.Generator().manual_seed(0),\n'
+            f"             {kwargs}).images[0]\n```\n"
+        )
+    else:
+        usage = (
+            f"This is a {s['vae_type']} model: SanaPipeline cannot run it (it needs an "
+            "AutoencoderDC), so there is no `model_index.json`. Sample it with `sanakit sample`, "
+            "or load the parts with `SanaTransformer2DModel.from_pretrained(PATH, "
+            'subfolder="transformer")`, `AutoModel/AutoTokenizer.from_pretrained(PATH, '
+            'subfolder="text_encoder"/"tokenizer")` and the scheduler config in `scheduler/`.\n'
+        )
+    return (
+        "---\nlibrary_name: diffusers\npipeline_tag: text-to-image\ntags:\n- sana\n- sanakit\n---\n"
+        "# Sana-style text-to-image model exported by sanakit\n\n"
+        "| setting | value |\n|---|---|\n"
+        f"{table}\n\n## Sampling\n\n{usage}\n"
+        'Pass `negative_prompt=""`, `use_resolution_binning=False` and the settings above; the '
+        f"full record (and the training config) is in `{SETTINGS_FILE}`. The checkpoint's null "
+        f"embedding is in `{NULL_EMBED_FILE}` (keys `uncond_prompt_embeds`, "
+        "`uncond_prompt_embeds_mask`) for use as `negative_prompt_embeds`.\n"
+    )
+
+
+def _write_parts(inf: Any, tmp: Path, runnable: bool) -> None:
+    """Save every component into ``tmp`` (diffusers/transformers layouts)."""
+    from sanakit.sampling import make_scheduler
+
+    cfg = inf.cfg
+    models = inf.models
+    scheduler = make_scheduler(cfg.train.sampler, cfg.scheduler.flow_shift)
+    encoder = models.text_encoder
+    transformer = models.transformer
+    if runnable:
+        from diffusers import SanaPipeline
+
+        vae = models.autoencoder.module
+        # SanaPipeline decodes latents / vae.config.scaling_factor: record the factor we trained
+        # with (a config override may differ from the autoencoder's own)
+        vae.register_to_config(scaling_factor=models.autoencoder.scaling_factor)
+        pipe = SanaPipeline(
+            tokenizer=encoder.tokenizer,
+            text_encoder=encoder.model,
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        return
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    encoder.model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    encoder.tokenizer.save_pretrained(tmp / "tokenizer")
+    autoencoder = models.autoencoder
+    if hasattr(autoencoder, "module"):  # sd-vae: kept for completeness, not pipeline-runnable
+        autoencoder.module.save_pretrained(tmp / "vae", safe_serialization=True)
+
+
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False, overwrite: bool = False
+) -> ExportResult:
+    """Write ``out_dir`` as a diffusers Sana folder from a checkpoint (or a work_dir's newest).
+
+    Raises :class:`SanakitError` subclasses (one line) for a bad checkpoint or destination.
+    """
+    from sanakit.inference import load_for_inference, resolve_checkpoint
+    from sanakit.train.state import read_trainer_state
+
+    out_dir = Path(out_dir)
+    path = resolve_checkpoint(checkpoint)
+    check_destination(out_dir, overwrite)
+    inf = load_for_inference(path, ema=ema, device="cpu")
+    cfg = inf.cfg
+    # only DC-AE models run in SanaPipeline: it sizes latents by encoder_block_out_channels and
+    # decodes latents / scaling_factor with no shift
+    runnable = cfg.vae.type == "dc-ae" and not inf.models.autoencoder.shift_factor
+    step = int(read_trainer_state(path).get("step", 0))
+    null_check = null_embedding_check(inf.models.text_encoder, inf.null)
+    settings = build_settings(cfg, path, step, ema, runnable, inf.null, null_check)
+    if not settings["null_embedding"]["exported_encoder_reproduces_it"]:
+        log.warning(
+            "the exported text encoder does not reproduce the checkpoint's null embedding (max "
+            "abs diff %.2e); SanaPipeline users should pass null_embed.pth as "
+            "negative_prompt_embeds",
+            null_check["max_abs_diff"],
+        )
+
+    _remove_stale_siblings(out_dir)
+    tmp = _temp_sibling(out_dir, "tmp")
+    tmp.mkdir()
+    try:
+        _write_parts(inf, tmp, runnable)
+        torch.save({**inf.null.to("cpu", torch.float32).tensors()}, tmp / NULL_EMBED_FILE)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(settings))
+        _fsync_tree(tmp)
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, path, runnable, settings)
