@@ -100,6 +100,7 @@ class TrainConfig:
     cache_mode: str = "readwrite"  # off | read | readwrite
     cache_dir: str = ""  # "" = {work_dir}/cache (text embeddings and latents)
     dry_run: bool = False
+    fsdp: bool = False  # with >1 process: shard params/grads/AdamW/EMA (FSDP2) instead of DDP
 
 
 @dataclass

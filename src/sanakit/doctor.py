@@ -812,6 +812,10 @@ def preflight(cfg: Config, echo: bool = True) -> list[Check]:
     Prints the PASS/WARN lines (main process only) in the doctor's format; the FAIL line becomes
     the ``error:`` line of the refusing ``train``.
     """
+    if not _is_main_process():
+        # the probes create and remove directories: concurrent ranks would race on them. Rank 0
+        # checks for everyone; if it refuses, the launcher tears the other ranks down.
+        return []
     probe = Probe(cfg, full=False)
     results = []
     for check in CHEAP_CHECKS:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 import warnings
@@ -36,6 +35,7 @@ from sanakit.sampling import sample_latents, to_uint8_grid
 from sanakit.text.cache import CaptionEncoder
 from sanakit.text.null_embedding import check_matches_checkpoint, obtain_null_embedding
 from sanakit.train import checkpoint as ckpt
+from sanakit.train import parallel
 from sanakit.train.components import (
     accelerate_precision,
     autocast_dtype,
@@ -92,9 +92,8 @@ def setup_accelerator(cfg: Config) -> Accelerator:
     # DDP warns once per rank about the depthwise conv's gradient strides; it is harmless
     warnings.filterwarnings("ignore", message=".*[Gg]rad strides do not match bucket view")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        # accelerate runs FSDP only on accelerators; on CPU the processes train as DDP
-        log.warning("FSDP was requested but there is no GPU: training with DDP (MULTI_CPU)")
+    # an accelerate FSDP launch config is honoured by train/parallel.py (our own FSDP2 sharding,
+    # on GPUs and CPUs alike); accelerate itself never wraps the model in FSDP here
     return Accelerator(
         mixed_precision=accelerate_precision(cfg, device_type),
         cpu=device_type == "cpu",
@@ -176,6 +175,9 @@ def train(cfg: Config) -> Path:
     model = models.transformer
     if cfg.load_from and resume_dir is None:
         log.info("loaded weights from %s", load_weights(model, cfg.load_from))
+    sharded = parallel.use_fsdp(cfg, world)
+    if sharded:  # in place, before the optimizer and the EMA take the (now sharded) parameters
+        log.info(parallel.shard_transformer(model, device, world))
     optimizer = build_optimizer(cfg, model)
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
     state = TrainState(
@@ -203,7 +205,8 @@ def train(cfg: Config) -> Path:
         keep_until=state.step,
         reduce=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
     )
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP sharded the model in place above; otherwise accelerate wraps it (DDP with >1 process)
+    ddp_model, optimizer = (model, optimizer) if sharded else accelerator.prepare(model, optimizer)
     state.grad_scaler = accelerator.scaler
     writer = make_writer(cfg, work_dir) if is_main else None
 
@@ -270,8 +273,12 @@ def train(cfg: Config) -> Path:
             seen_total += len(dropped)
 
             is_last_micro = micro == accum - 1
-            # between optimizer steps, skip the gradient all-reduce (DDP no_sync)
-            sync = accelerator.no_sync(ddp_model) if not is_last_micro else _null_context()
+            # between optimizer steps, skip the gradient all-reduce/reduce-scatter (DDP/FSDP)
+            sync = (
+                parallel.no_gradient_sync(accelerator, ddp_model)
+                if not is_last_micro
+                else _null_context()
+            )
             with sync:
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                     out = flow_matching_loss(ddp_model, x0, embeds, mask, sigmas, noise)
@@ -285,7 +292,7 @@ def train(cfg: Config) -> Path:
                 continue
 
             # ---- the optimizer step ----
-            grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), cfg.train.gradient_clip)
+            grad_norm = parallel.clip_grad_norm(accelerator, ddp_model, cfg.train.gradient_clip)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -323,9 +330,10 @@ def train(cfg: Config) -> Path:
                     split.get("model", 0),
                 )
                 bins.clear()
-            if is_main and cfg.train.visualize and cfg.train.validation_prompts:
+            # a sharded model's forward needs every rank; only the main process writes
+            if (is_main or sharded) and cfg.train.visualize and cfg.train.validation_prompts:
                 if state.step == 1 or state.step % cfg.train.eval_sampling_steps == 0:
-                    visualize(cfg, state, models, captions, writer, x_shape, amp)
+                    visualize(cfg, state, models, captions, writer, x_shape, amp, write=is_main)
             if cfg.train.early_stop_hours and not stop.reason:
                 if time.monotonic() - started > cfg.train.early_stop_hours * 3600:
                     stop.reason = f"train.early_stop_hours={cfg.train.early_stop_hours}"
@@ -488,6 +496,7 @@ def save(cfg: Config, accelerator: Accelerator, state: TrainState, window: list)
     """Write a checkpoint (main process), then rotate. Returns False when skipped for space."""
     checkpoints = Path(cfg.work_dir) / "checkpoints"
     ranks = gather_object([state.per_rank_state()])
+    full = state.full_state()  # FSDP: every rank takes part in gathering the full tensors
     saved = True
     if accelerator.is_main_process:
         needed = estimate_checkpoint_bytes(state.model)
@@ -503,7 +512,9 @@ def save(cfg: Config, accelerator: Accelerator, state: TrainState, window: list)
             )
             saved = False
         else:
-            path = ckpt.write_checkpoint(checkpoints, state.step, lambda d: state.write(d, ranks))
+            path = ckpt.write_checkpoint(
+                checkpoints, state.step, lambda d: state.write(d, ranks, full)
+            )
             removed = ckpt.rotate(checkpoints, cfg.train.checkpoints_total_limit, protect=path)
             log.info(
                 "saved checkpoint %s%s", path, f" (rotated out {len(removed)})" if removed else ""
@@ -533,10 +544,11 @@ def log_scalars(writer, state, losses, grad_norm, split, bins, dropped_total, se
 
 
 @torch.no_grad()
-def visualize(cfg, state, models, captions, writer, x_shape, amp) -> None:
+def visualize(cfg, state, models, captions, writer, x_shape, amp, write: bool = True) -> None:
     """CFG samples of the validation prompts from fixed noise: a grid PNG and a TB image.
 
-    Uses its own generator, so turning it on or off never changes training.
+    Uses its own generator, so turning it on or off never changes training. ``write=False``
+    samples without writing (the non-main ranks of a sharded model).
     """
     from PIL import Image
 
@@ -561,6 +573,8 @@ def visualize(cfg, state, models, captions, writer, x_shape, amp) -> None:
         autocast_dtype=amp,
     )
     model.train(was_training)
+    if not write:
+        return
     images = models.autoencoder.decode(latents)
     grid = to_uint8_grid(images, nrow=len(prompts))
     out = Path(cfg.work_dir) / "vis" / f"step_{state.step:08d}.png"

@@ -6,6 +6,10 @@ rank, every rank's data-sampler position, step and epoch, the resolved config, a
 embedding with its provenance. Nothing read back can execute code: safetensors for weights,
 ``torch.load(weights_only=True)`` or JSON for the rest. The directory mechanics (temp dir, fsync,
 manifest, rename) live in ``train/checkpoint.py``.
+
+Weights, EMA and optimizer state are always written full (unsharded) in the single-process
+layout, whether the run was one process, DDP or FSDP; an FSDP run gathers them first
+(:meth:`TrainState.full_state`) and cuts them back into shards on load (``train/parallel.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from sanakit.artifacts import PROVENANCE
 from sanakit.data.sampler import ResumableSampler
 from sanakit.errors import CheckpointError
 from sanakit.text.null_embedding import EMBEDS, MASK, NullEmbedding
+from sanakit.train.parallel import (
+    copy_full_,
+    gather_full,
+    is_sharded,
+    load_full_model_state,
+    local,
+    shard_optimizer_state,
+)
 
 log = logging.getLogger("sanakit")
 
@@ -62,7 +74,11 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters, kept in fp32."""
+    """Exponential moving average of the trainable parameters, kept in fp32.
+
+    On a sharded (FSDP) model each shadow is sharded like its parameter, so a rank holds and
+    updates only its 1/N; :meth:`state_dict` then returns sharded tensors (gathered on save).
+    """
 
     def __init__(self, model: torch.nn.Module, rate: float) -> None:
         self.rate = rate
@@ -71,28 +87,30 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - self.rate)
+        # on local shards: elementwise, so exactly what the full tensors would give
+        params = [local(p.detach()).float() for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_([local(s) for s in self.shadow], params, 1.0 - self.rate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow, strict=True))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full tensors (a checkpoint's), cutting them into shards where sharded."""
         for i, name in enumerate(self.names):
-            self.shadow[i].copy_(state[name])
+            copy_full_(self.shadow[i], state[name])
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         for name, value in zip(self.names, self.shadow, strict=True):
-            params[name].copy_(value.to(params[name].dtype))
+            local(params[name]).copy_(local(value).to(params[name].dtype))
 
 
 @dataclass
 class TrainState:
     """The resumable state of a run. The loop mutates it; only this class reads or writes it."""
 
-    model: torch.nn.Module  # unwrapped (no DDP/FSDP wrapper)
+    model: torch.nn.Module  # not the DDP wrapper; under FSDP the model itself, sharded in place
     ema: EMA
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -119,11 +137,37 @@ class TrainState:
             "sampler": self.sampler.state_dict(),
         }
 
-    def write(self, directory: Path, ranks: list[dict[str, Any]]) -> None:
-        """Write every file of a checkpoint into ``directory`` (a temporary dir)."""
-        save_file(_contiguous(self.model.state_dict()), str(directory / MODEL_FILE))
-        save_file(_contiguous(self.ema.state_dict()), str(directory / EMA_FILE))
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+    def full_state(self) -> dict[str, Any]:
+        """Model, EMA and optimizer state as full tensors, in the single-process layout.
+
+        Sharded (FSDP): a collective that every rank must call; the main process (rank 0) gets
+        the tensors on CPU, the other ranks get None in their place. Otherwise: the live state
+        dicts, no copy.
+        """
+        states = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if not is_sharded(self.model):
+            return states
+        return {name: gather_full(s, keep=self.rank == 0) for name, s in states.items()}
+
+    def write(
+        self, directory: Path, ranks: list[dict[str, Any]], full: dict[str, Any] | None = None
+    ) -> None:
+        """Write every file of a checkpoint into ``directory`` (a temporary dir).
+
+        ``full`` is :meth:`full_state`, gathered beforehand by all ranks when the model is
+        sharded (this method runs on the main process only).
+        """
+        if full is None:
+            if is_sharded(self.model):
+                raise RuntimeError("a sharded model's state must be gathered by every rank first")
+            full = self.full_state()
+        save_file(_contiguous(full["model"]), str(directory / MODEL_FILE))
+        save_file(_contiguous(full["ema"]), str(directory / EMA_FILE))
+        torch.save(full["optimizer"], directory / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), directory / "lr_scheduler.pt")
         if self.grad_scaler is not None:
             torch.save(self.grad_scaler.state_dict(), directory / "grad_scaler.pt")
@@ -147,9 +191,11 @@ class TrainState:
     def load(self, directory: Path) -> None:
         """Restore everything from a verified checkpoint directory."""
         trainer = read_trainer_state(directory)
-        self.model.load_state_dict(load_file(str(directory / MODEL_FILE)))
+        # checkpoints hold full tensors; a sharded model keeps this rank's slices
+        load_full_model_state(self.model, load_file(str(directory / MODEL_FILE)))
         self.ema.load_state_dict(load_file(str(directory / EMA_FILE)))
-        self.optimizer.load_state_dict(_torch_load(directory / "optimizer.pt"))
+        optimizer_state = _torch_load(directory / "optimizer.pt")
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, optimizer_state))
         self.lr_scheduler.load_state_dict(_torch_load(directory / "lr_scheduler.pt"))
         if self.grad_scaler is not None and (directory / "grad_scaler.pt").exists():
             self.grad_scaler.load_state_dict(_torch_load(directory / "grad_scaler.pt"))

@@ -1,0 +1,196 @@
+"""FSDP2 training on CPU (gloo, two ranks, one thread each): sharded, equal, resumable.
+
+Every run uses gradient accumulation 2 (so the no-gradient-sync path is exercised) and EMA
+0.9 on 48 samples: 3 optimizer steps per epoch, so 8 steps cross two epoch boundaries.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, checkpoint_dir, cli_env, losses, run_sanakit
+from PIL import Image
+from safetensors.torch import load_file
+
+from sanakit.config import packaged_config_path
+
+BASE = [*FAST, "--data.max_samples=48", "--train.ema_rate=0.9"]
+BASE += ["--train.gradient_accumulation_steps=2"]
+STEPS = 8
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+
+
+def launch(launcher: list[str], work: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*launcher, "-m", "sanakit", "train", f"--work_dir={work}", *BASE, *extra],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def fsdp(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    """2 ranks x batch 4, sharded by ``train.fsdp=true``."""
+    return launch(TORCHRUN, work, "--train.fsdp=true", *extra)
+
+
+def single(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    """1 process x batch 8: the same global batch."""
+    return launch([sys.executable], work, "--train.train_batch_size=8", *extra)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, str]:
+    """Uninterrupted 2-rank FSDP run; returns its work_dir and stderr."""
+    work = tmp_path_factory.mktemp("fsdp")
+    return work, fsdp(work, f"--train.max_steps={STEPS}").stderr
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    """Uninterrupted 1-process run with checkpoints at steps 3, 6 and 8."""
+    work = tmp_path_factory.mktemp("single")
+    single(work, f"--train.max_steps={STEPS}", "--train.save_model_steps=3")
+    return work
+
+
+@pytest.fixture(scope="module")
+def fsdp_stopped_at_3(tmp_path_factory) -> Path:
+    """2 ranks stopped at step 3, launched the way users do it: `accelerate launch` with the
+    shipped FSDP config (which sets ACCELERATE_USE_FSDP=true instead of train.fsdp), and with
+    validation sampling on (every rank must join a sharded forward). Tests copy this dir."""
+    work = tmp_path_factory.mktemp("fsdp3")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    accelerate += [
+        "--config_file",
+        str(packaged_config_path("accelerate_fsdp")),
+        "--num_processes=2",
+    ]
+    out = launch(
+        accelerate,
+        work,
+        "--train.max_steps=3",
+        "--train.visualize=true",
+        "--train.sampling_steps=2",
+    )
+    assert "sharded over 2 ranks" in out.stderr
+    assert (work / "vis" / "step_00000001.png").is_file()
+    return work
+
+
+def copy_work(src: Path, dst: Path, keep_step: int) -> Path:
+    """A copy of a work_dir whose newest checkpoint is ``keep_step``."""
+    shutil.copytree(src, dst)
+    for path in (dst / "checkpoints").iterdir():
+        if path.name.startswith("step_") and int(path.name.split("_")[1]) > keep_step:
+            shutil.rmtree(path)
+    return dst
+
+
+def max_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between two safetensors files of the same layout."""
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype for k in wa)
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def assert_close_run(work: Path, reference: Path) -> None:
+    """Same losses and weights up to the all-reduce order. Tolerance: losses within 1e-6
+    relative (measured 7.5e-8), model and EMA weights within 1e-4 absolute (measured 1.2e-5
+    after 8 steps): FSDP's reduce-scatter sums the two ranks' gradients in another order than
+    one process's backward does, and AdamW's normalisation turns those last-bit differences on
+    near-zero gradients into weight differences of this order (a tenth of one lr=1e-3 step)."""
+    assert losses(work) == pytest.approx(losses(reference), rel=1e-6)
+    for name in WEIGHT_FILES:
+        diff = max_diff(checkpoint_dir(work, STEPS) / name, checkpoint_dir(reference, STEPS) / name)
+        assert diff < 1e-4, (name, diff)
+
+
+def test_two_fsdp_ranks_equal_one_process_with_the_same_global_batch(fsdp_run, single_run):
+    work, _ = fsdp_run
+    assert_close_run(work, single_run)
+    # the optimizer file is the single-process one: same parameter indices, groups and shapes
+    a = torch.load(checkpoint_dir(work, STEPS) / "optimizer.pt", weights_only=True)
+    b = torch.load(checkpoint_dir(single_run, STEPS) / "optimizer.pt", weights_only=True)
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for index, values in b["state"].items():
+        assert {k: v.shape for k, v in a["state"][index].items()} == {
+            k: v.shape for k, v in values.items()
+        }
+        assert torch.equal(a["state"][index]["step"], values["step"])
+
+
+def test_parameters_are_sharded_across_the_ranks(fsdp_run):
+    work, stderr = fsdp_run
+    line = next(row for row in stderr.splitlines() if "sharded over 2 ranks" in row)
+    counts = [tuple(map(int, m)) for m in re.findall(r"rank\d (\d+)/(\d+)", line)]
+    assert len(counts) == 2, line
+    full = sum(
+        t.numel() for t in load_file(str(checkpoint_dir(work, STEPS) / WEIGHT_FILES[0])).values()
+    )
+    assert all(total == full for _, total in counts), (counts, full)
+    assert sum(mine for mine, _ in counts) == full  # each weight lives on exactly one rank
+    assert all(mine < 0.6 * full for mine, _ in counts), counts  # about half each
+
+
+def test_fsdp_stop_and_resume_is_exact(fsdp_run, fsdp_stopped_at_3, tmp_path):
+    """Bit-exact: a resumed rank gets exactly its slices back (checkpoints hold full tensors,
+    re-cut the same way) plus its RNG and sampler state; gloo reduces deterministically."""
+    reference, _ = fsdp_run
+    work = copy_work(fsdp_stopped_at_3, tmp_path / "w", keep_step=3)
+    out = fsdp(work, f"--train.max_steps={STEPS}")
+    assert f"resumed from {checkpoint_dir(work, 3)} at step 3" in out.stderr
+    assert losses(work) == losses(reference)
+    for name in (*WEIGHT_FILES, "optimizer.pt"):
+        a = (checkpoint_dir(work, STEPS) / name).read_bytes()
+        assert a == (checkpoint_dir(reference, STEPS) / name).read_bytes(), name
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, fsdp_stopped_at_3, tmp_path):
+    reference, _ = fsdp_run
+    work = copy_work(fsdp_stopped_at_3, tmp_path / "w", keep_step=3)
+    out = single(work, f"--train.max_steps={STEPS}")
+    assert "resuming with 1 processes from a checkpoint written by 2" in out.stderr
+    assert_close_run(work, reference)
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(fsdp_run, single_run, tmp_path):
+    reference, _ = fsdp_run
+    work = copy_work(single_run, tmp_path / "w", keep_step=3)
+    out = fsdp(work, f"--train.max_steps={STEPS}")
+    assert f"resumed from {checkpoint_dir(work, 3)} at step 3" in out.stderr
+    assert "resuming with 2 processes from a checkpoint written by 1" in out.stderr
+    assert_close_run(work, reference)
+
+
+def test_fsdp_checkpoint_samples_in_one_process(fsdp_run, tmp_path):
+    work, _ = fsdp_run
+    out = tmp_path / "grid.png"
+    for extra in ([], ["--ema"]):
+        result = run_sanakit(
+            "sample",
+            f"--checkpoint={work}",
+            "--prompt=a red circle",
+            "--steps=2",
+            "--num_images=2",
+            f"--out={out}",
+            *extra,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"loaded {'EMA' if extra else 'model'} weights" in result.stderr
+        with Image.open(out) as image:
+            assert min(image.size) >= 16
