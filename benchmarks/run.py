@@ -8,9 +8,12 @@ Prints a table, then one JSON line with the keys
   train_flops_fraction  achieved FLOP/s of a training step / measured fp32 matmul FLOP/s (>= 0.4)
   bf16_speedup          fp32 step time / bf16-autocast step time, on this CPU
 
-Every comparison alternates or brackets its two sides and uses medians of equal-sized windows,
-so a neighbour process that loads the CPU for a while hurts both sides alike. Start-up (imports,
-model loading, the first steps) is never timed. Speed targets live here only, never in tests.
+Every comparison alternates or brackets its two sides over equal-sized windows (training: steps
+between the loop's own log lines; sampling: whole calls, text encoding and decoding included).
+Ratios use each side's best window: other processes on a shared machine only ever slow a window
+down, so the fastest sustained window is the stable estimate; medians are printed alongside.
+Start-up (imports, model loading, the first window) is never timed. Speed targets live here
+only, never in tests.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ GOALS = {
     "sample_vs_pipeline": 1.2,
     "train_flops_fraction": 0.4,
     "bf16_speedup": None,  # reported, no goal
+    "sample_vs_pipeline_compiled": None,  # information: what torch.compile would give
 }
 
 
@@ -114,7 +118,7 @@ def window_times(marks: list[tuple[int, float]]) -> list[float]:
     return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:], strict=False)]
 
 
-def run_sanakit_loop(plan: Plan, work_dir: Path) -> list[float]:
+def run_sanakit_loop(plan: Plan, work_dir: Path, extra: list[str] = ()) -> list[float]:
     """The real ``train.loop.train`` on the default config; per-step seconds per window.
 
     Only what keeps the run inside the benchmark changes: max_steps, log_interval (the timing
@@ -130,6 +134,7 @@ def run_sanakit_loop(plan: Plan, work_dir: Path) -> list[float]:
             f"--train.log_interval={plan.window}",
             f"--train.save_model_steps={plan.train_steps}",
             "--train.visualize=false",
+            *extra,
         ],
     )
     log = logging.getLogger("sanakit")
@@ -154,8 +159,8 @@ class BareLoop:
     """Plain fwd/bwd/AdamW on tensors already in memory: the same model, batch, loss, optimizer."""
 
     def __init__(self, work_dir: Path) -> None:
-        from sanakit.text.cache import CaptionEncoder
         from sanakit.data.formats import build_dataset
+        from sanakit.text.cache import CaptionEncoder
         from sanakit.train.components import build_models, latent_shape
 
         cfg = default_config(work_dir)
@@ -205,18 +210,55 @@ class BareLoop:
         return times
 
     def count_flops(self) -> int:
-        """FLOPs of one training step (forward + backward) by FlopCounterMode."""
+        """FLOPs of one training step (forward + backward) by FlopCounterMode.
+
+        torch 2.13's formula for ``convolution_backward`` ignores ``groups``, so it counts the
+        Mix-FFN depthwise 3x3 conv's backward as a dense 640x640 conv (258 of 288 "GFLOP" per
+        step here); :func:`conv_backward_flops` replaces it with the grouped count.
+        """
         from torch.utils.flop_counter import FlopCounterMode
 
         from sanakit.flow import flow_matching_loss
 
         sigmas, noise = self.inputs()
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(
+            display=False,
+            custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops},
+        )
         with counter:
             out = flow_matching_loss(self.model, self.x0, self.embeds, self.mask, sigmas, noise)
             out.loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
+
+
+def conv_backward_flops(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: object,
+    _stride: object,
+    _padding: object,
+    _dilation: object,
+    transposed: bool,
+    _output_padding: object,
+    _groups: int,
+    output_mask: list[bool],
+    out_shape: object = None,
+    **_: object,
+) -> int:
+    """Grouped-conv-aware backward FLOPs: each requested gradient costs one forward conv.
+
+    ``w_shape`` is ``[c_out, c_in / groups, *k]``, so ``prod(w_shape[1:])`` multiply-adds per
+    output element is already the per-group count.
+    """
+    per_output = 1
+    for d in w_shape[1:]:
+        per_output *= d
+    outputs = 1
+    for d in x_shape if transposed else grad_out_shape:
+        outputs *= d
+    return 2 * outputs * per_output * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
@@ -263,7 +305,11 @@ def make_latent_checkpoint(root: Path) -> Path:
 
 
 def bench_sampling(plan: Plan, root: Path) -> dict:
-    """Images/s of Inference.generate vs SanaPipeline loaded from our export, same everything."""
+    """Images/s of Inference.generate vs SanaPipeline loaded from our export, same everything.
+
+    Then, for information, the same with the transformer under ``torch.compile`` (its compile
+    time is reported separately; sanakit does not compile by default, see BENCHMARKS.md).
+    """
     from diffusers import SanaPipeline
 
     from sanakit.export import export_checkpoint
@@ -299,11 +345,25 @@ def bench_sampling(plan: Plan, root: Path) -> dict:
         order = [(run_ours, ours_t), (run_pipe, pipe_t)]
         for fn, sink in order if trial % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            fn(trial)
+            fn(-2 - trial)
             sink.append(time.perf_counter() - t0)
+
+    eager = ours.models.transformer
+    ours.models.transformer = torch.compile(eager)
+    t0 = time.perf_counter()
+    run_ours(-1000)  # the compile
+    compile_s = time.perf_counter() - t0
+    compiled_t = []
+    for trial in range(plan.sample_trials):
+        t0 = time.perf_counter()
+        run_ours(-1001 - trial)
+        compiled_t.append(time.perf_counter() - t0)
+    ours.models.transformer = eager
     return {
         "ours_s": ours_t,
         "pipe_s": pipe_t,
+        "compiled_s": compiled_t,
+        "compile_s": compile_s,
         "images_per_call": n,
         "steps": steps,
         "cfg": scale,
@@ -316,10 +376,14 @@ def bench_sampling(plan: Plan, root: Path) -> dict:
 
 
 def fmt_goal(key: str, value: float) -> str:
-    goal = GOALS[key]
+    goal = GOALS.get(key)
     if goal is None:
         return "-"
     return f">= {goal}: {'met' if value >= goal else 'NOT met'}"
+
+
+def best_and_median(values: list[float]) -> tuple[float, float]:
+    return min(values), statistics.median(values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,57 +400,75 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         # training: bare, sanakit, bare (bracketing), then FLOPs and bf16
         bare = BareLoop(root / "bare")
+        # as many bare windows as loop windows (half before, half after): a best-of-N
+        # estimate must compare equal N
         windows = plan.train_steps // plan.window - 1
-        bare_a = bare.windows(windows, plan.window)
-        loop = run_sanakit_loop(plan, root / "loop")
-        bare_b = bare.windows(windows, plan.window)
-        bare_med = statistics.median(bare_a + bare_b)
-        loop_med = statistics.median(loop)
-        results["trainer_vs_bare"] = bare_med / loop_med
+        bare_t = bare.windows(windows - windows // 2, plan.window)
+        loop_t = run_sanakit_loop(plan, root / "loop")
+        bare_t += bare.windows(windows // 2, plan.window)
+        bare_best, bare_med = best_and_median(bare_t)
+        loop_best, loop_med = best_and_median(loop_t)
+        results["trainer_vs_bare"] = bare_best / loop_best
 
         flops = bare.count_flops()
         peak = matmul_peak()
-        results["train_flops_fraction"] = flops / loop_med / peak
+        results["train_flops_fraction"] = flops / loop_best / peak
 
         fp32, bf16 = [], []
         for _ in range(plan.bf16_windows):  # interleaved windows
             fp32 += bare.windows(1, plan.window // 2, torch.float32)
             bf16 += bare.windows(1, plan.window // 2, torch.bfloat16)
-        results["bf16_speedup"] = statistics.median(fp32) / statistics.median(bf16)
+        results["bf16_speedup"] = min(fp32) / min(bf16)
 
         sampling = bench_sampling(plan, root)
         n = sampling["images_per_call"]
-        ours_ips = n / statistics.median(sampling["ours_s"])
-        pipe_ips = n / statistics.median(sampling["pipe_s"])
-        results["sample_vs_pipeline"] = ours_ips / pipe_ips
+        ours_best, ours_med = best_and_median(sampling["ours_s"])
+        pipe_best, pipe_med = best_and_median(sampling["pipe_s"])
+        comp_best, _ = best_and_median(sampling["compiled_s"])
+        results["sample_vs_pipeline"] = pipe_best / ours_best
+        results["sample_vs_pipeline_compiled"] = pipe_best / comp_best
 
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    saved_per_call = ours_best - comp_best
+    break_even = sampling["compile_s"] / saved_per_call * n if saved_per_call > 0 else float("inf")
     rows = [
-        ("training step, sanakit loop (median)", f"{loop_med * 1e3:.1f} ms/step"),
-        ("training step, bare loop (median)", f"{bare_med * 1e3:.1f} ms/step"),
-        ("training FLOPs per step (FlopCounterMode)", f"{flops / 1e9:.2f} GFLOP"),
-        ("achieved training FLOP/s", f"{flops / loop_med / 1e9:.1f} GFLOP/s"),
-        ("fp32 matmul peak (1024^3 mm)", f"{peak / 1e9:.1f} GFLOP/s"),
         (
-            "bare step fp32 / bf16 autocast",
-            f"{statistics.median(fp32) * 1e3:.1f} / {statistics.median(bf16) * 1e3:.1f} ms",
+            "training step, sanakit loop",
+            f"{loop_best * 1e3:.1f} ms/step (median {loop_med * 1e3:.1f})",
         ),
+        (
+            "training step, bare loop",
+            f"{bare_best * 1e3:.1f} ms/step (median {bare_med * 1e3:.1f})",
+        ),
+        ("training FLOPs per step (FlopCounterMode)", f"{flops / 1e9:.2f} GFLOP"),
+        ("achieved training FLOP/s", f"{flops / loop_best / 1e9:.1f} GFLOP/s"),
+        ("fp32 matmul peak (1024^3 mm)", f"{peak / 1e9:.1f} GFLOP/s"),
+        ("bare step fp32 / bf16 autocast", f"{min(fp32) * 1e3:.1f} / {min(bf16) * 1e3:.1f} ms"),
         (
             f"sampling {n} images, {sampling['size']} px, {sampling['steps']} steps, "
-            f"CFG {sampling['cfg']}",
-            f"sanakit {ours_ips:.2f} img/s, SanaPipeline {pipe_ips:.2f} img/s",
+            f"CFG {sampling['cfg']}: sanakit",
+            f"{n / ours_best:.2f} img/s (median {n / ours_med:.2f})",
         ),
-        ("sanakit vs SanaPipeline images, max abs diff", f"{sampling['max_abs_diff']:.1e}"),
+        (
+            "  SanaPipeline (from our export)",
+            f"{n / pipe_best:.2f} img/s (median {n / pipe_med:.2f})",
+        ),
+        (
+            "  sanakit, transformer torch.compile'd (info)",
+            f"{n / comp_best:.2f} img/s after a {sampling['compile_s']:.1f} s compile "
+            f"(pays after ~{break_even:.0f} images)",
+        ),
+        ("  sanakit vs SanaPipeline images, max abs diff", f"{sampling['max_abs_diff']:.1e}"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"machine: {info}")
-    print(f"{'measurement':<{width}}  value")
+    print(f"{'measurement (best window; median in brackets)':<{width}}  value")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print()
-    print(f"{'ratio':<22} {'value':>7}  goal")
-    for key in GOALS:
-        print(f"{key:<22} {results[key]:>7.3f}  {fmt_goal(key, results[key])}")
+    print(f"{'ratio':<28} {'value':>7}  goal")
+    for key in results:
+        print(f"{key:<28} {results[key]:>7.3f}  {fmt_goal(key, results[key])}")
     summary = {k: round(v, 4) for k, v in results.items()}
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["quick"] = opts.quick

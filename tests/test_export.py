@@ -8,11 +8,14 @@ command, diffusers' own SanaPipeline.from_pretrained on the result.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, checkpoint_dir, run_sanakit
+from conftest import FAST, checkpoint_dir, cli_env, run_sanakit
 from helpers_models import make_tiny_autoencoder
 from safetensors.torch import load_file
 
@@ -160,7 +163,8 @@ def test_export_pixel_model_layout_and_notice(pixel_run: Path, tmp_path: Path) -
     assert type(AutoModel.from_pretrained(out / "text_encoder")).__name__ == "BertModel"
     settings = json.loads((out / "sanakit.json").read_text())
     assert settings["pipeline_runnable"] is False and settings["vae_type"] == "pixel"
-    assert "SanaPipeline cannot run it" in (out / "README.md").read_text()
+    assert settings["pipeline_kwargs"] is None
+    assert "SanaPipeline cannot run this model (vae.type=pixel" in (out / "README.md").read_text()
 
 
 def test_export_destination_and_checkpoint_errors(pixel_run: Path, tmp_path: Path) -> None:
@@ -178,6 +182,35 @@ def test_export_destination_and_checkpoint_errors(pixel_run: Path, tmp_path: Pat
     missing = tmp_path / "no_such_run"
     assert str(missing) in one_line_error(run_sanakit("export", str(missing), str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_killed_export_leaves_no_half_folder(pixel_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = cli_env(SANAKIT_TEST_SLOW_WRITE="60")  # pause after writing, before the rename
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sanakit", "export", str(pixel_run), str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        written = None
+        while written is None and proc.poll() is None and time.monotonic() < deadline:
+            # the model card is the last file written before the pause
+            written = next(iter(tmp_path.glob(".out.tmp-*/README.md")), None)
+            time.sleep(0.05)
+        assert written is not None, "export never reached its final rename"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists()  # killed before the rename: no OUT_DIR at all, let alone a half one
+
+    from sanakit.export import export_checkpoint
+
+    export_checkpoint(pixel_run, out)  # the next export cleans the dead one's temp folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def _diffusers_transformer(work: Path, overrides: list[str], dest: Path, seed: int) -> Path:

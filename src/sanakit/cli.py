@@ -256,7 +256,7 @@ def cmd_export(args: list[str]) -> int:
     )
     if not result.pipeline_runnable:
         print(
-            f"note: vae.type={result.settings['vae_type']} cannot run in SanaPipeline; exported "
+            f"note: SanaPipeline cannot run this model ({result.not_runnable_because}); exported "
             "transformer, scheduler, tokenizer, text encoder and README.md (no model_index.json)"
         )
     print(

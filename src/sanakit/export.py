@@ -49,6 +49,22 @@ class ExportResult:
     checkpoint: Path
     pipeline_runnable: bool  # False for pixel / sd-vae models: no model_index.json
     settings: dict[str, Any]
+    not_runnable_because: str = ""  # why SanaPipeline cannot run it ("" when it can)
+
+
+def pipeline_blocker(cfg: Any, autoencoder: Any) -> str:
+    """Why SanaPipeline cannot run this model, or "" when it can.
+
+    SanaPipeline sizes latents from ``vae.config.encoder_block_out_channels`` (an AutoencoderDC)
+    and decodes ``latents / vae.config.scaling_factor`` with no shift.
+    """
+    if cfg.vae.type == "pixel":
+        return "vae.type=pixel (a pixel-space model)"
+    if cfg.vae.type != "dc-ae":
+        return f"vae.type={cfg.vae.type} (SanaPipeline needs an AutoencoderDC)"
+    if autoencoder.shift_factor:
+        return f"vae shift_factor={autoencoder.shift_factor} (SanaPipeline decodes with no shift)"
+    return ""
 
 
 def _temp_sibling(out_dir: Path, tag: str) -> Path:
@@ -122,7 +138,7 @@ def null_embedding_check(encoder: Any, null: Any) -> dict[str, Any]:
     SanaPipeline builds its unconditional branch by encoding ``negative_prompt=""``; it matches
     our sampling only if that equals the null embedding the model was trained and sampled with.
     """
-    embeds, mask = encoder.null_embedding()
+    embeds, mask = encoder.encode_negative([""])  # exactly what the pipeline computes for ""
     saved_embeds = null.embeds.to(embeds.device, torch.float32)
     same_mask = bool(torch.equal(mask.long().cpu(), null.mask.long().cpu()))
     diff = float((embeds.float() - saved_embeds).abs().max())
@@ -146,13 +162,14 @@ def pipeline_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def build_settings(
-    cfg: Any, checkpoint: Path, step: int, ema: bool, runnable: bool, null: Any, null_check: dict
+    cfg: Any, checkpoint: Path, step: int, ema: bool, blocker: str, null: Any, null_check: dict
 ) -> dict[str, Any]:
     """Everything recorded in ``sanakit.json`` (and summarised in the model card)."""
     from sanakit import __version__
     from sanakit.config import to_dict
 
     instruction = cfg.text_encoder.complex_human_instruction
+    runnable = not blocker
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -161,6 +178,7 @@ def build_settings(
         "step": step,
         "weights": "ema" if ema else "model",
         "pipeline_runnable": runnable,
+        "not_runnable_because": blocker or None,
         "image_size": cfg.model.image_size,
         "vae_type": cfg.vae.type,
         "text_encoder_type": cfg.text_encoder.type,
@@ -216,8 +234,8 @@ def model_card(settings: dict[str, Any]) -> str:
         )
     else:
         usage = (
-            f"This is a {s['vae_type']} model: SanaPipeline cannot run it (it needs an "
-            "AutoencoderDC), so there is no `model_index.json`. Sample it with `sanakit sample`, "
+            f"SanaPipeline cannot run this model ({s['not_runnable_because']}), so there is no "
+            "`model_index.json`. Sample it with `sanakit sample`, "
             "or load the parts with `SanaTransformer2DModel.from_pretrained(PATH, "
             'subfolder="transformer")`, `AutoModel/AutoTokenizer.from_pretrained(PATH, '
             'subfolder="text_encoder"/"tokenizer")` and the scheduler config in `scheduler/`.\n'
@@ -275,7 +293,9 @@ def export_checkpoint(
 
     Raises :class:`SanakitError` subclasses (one line) for a bad checkpoint or destination.
     """
-    from sanakit.inference import load_for_inference, resolve_checkpoint
+    from sanakit.fsutil import slow_write_pause
+    from sanakit.inference import load_for_inference
+    from sanakit.train.checkpoint import resolve_checkpoint
     from sanakit.train.state import read_trainer_state
 
     out_dir = Path(out_dir)
@@ -283,12 +303,11 @@ def export_checkpoint(
     check_destination(out_dir, overwrite)
     inf = load_for_inference(path, ema=ema, device="cpu")
     cfg = inf.cfg
-    # only DC-AE models run in SanaPipeline: it sizes latents by encoder_block_out_channels and
-    # decodes latents / scaling_factor with no shift
-    runnable = cfg.vae.type == "dc-ae" and not inf.models.autoencoder.shift_factor
+    blocker = pipeline_blocker(cfg, inf.models.autoencoder)
+    runnable = not blocker
     step = int(read_trainer_state(path).get("step", 0))
     null_check = null_embedding_check(inf.models.text_encoder, inf.null)
-    settings = build_settings(cfg, path, step, ema, runnable, inf.null, null_check)
+    settings = build_settings(cfg, path, step, ema, blocker, inf.null, null_check)
     if not settings["null_embedding"]["exported_encoder_reproduces_it"]:
         log.warning(
             "the exported text encoder does not reproduce the checkpoint's null embedding (max "
@@ -302,12 +321,13 @@ def export_checkpoint(
     tmp.mkdir()
     try:
         _write_parts(inf, tmp, runnable)
-        torch.save({**inf.null.to("cpu", torch.float32).tensors()}, tmp / NULL_EMBED_FILE)
+        torch.save(inf.null.to("cpu", torch.float32).tensors(), tmp / NULL_EMBED_FILE)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(settings))
         _fsync_tree(tmp)
+        slow_write_pause()  # test hook: lets kill tests land between writing and installing
         _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir, path, runnable, settings)
+    return ExportResult(out_dir, path, runnable, settings, blocker)

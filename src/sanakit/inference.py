@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from sanakit.train.components import autocast_dtype, build_models, latent_shape
 from sanakit.train.state import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_null_embedding
 
 log = logging.getLogger("sanakit")
+MEMO_CAPACITY = 4096  # prompts kept by Inference.encode_prompts
 
 
 @dataclass
@@ -30,6 +31,24 @@ class Inference:
     null: NullEmbedding
     captions: CaptionEncoder
     device: torch.device
+    # prompt -> (embeds [L, D], mask [L]); filled by encode_prompts
+    memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, L, D] embeds and [N, L] mask; the prompts not seen before go in ONE batch.
+
+        Training encodes one caption per call (bit-stable across batch compositions, for exact
+        resume); sampling has no such need, and one batched call (as SanaPipeline makes) halves
+        the text-encoding time of a batch of new prompts. Repeated prompts (eval) are memoised.
+        """
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.memo))
+        if missing:
+            if len(self.memo) + len(missing) > MEMO_CAPACITY:
+                self.memo.clear()
+            embeds, mask = self.models.text_encoder.encode(missing)
+            self.memo.update(zip(missing, zip(embeds, mask, strict=True), strict=True))
+        rows = [self.memo[p] for p in prompts]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     @torch.no_grad()
     def generate(
@@ -43,7 +62,7 @@ class Inference:
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images [N,3,H,W] in [-1,1] for the prompts; same seed -> identical images."""
-        embeds, mask = self.captions.encode(prompts)
+        embeds, mask = self.encode_prompts(prompts)
         shape = latent_shape(self.cfg, self.models.autoencoder)
         if noise is None:
             generator = torch.Generator().manual_seed(seed)

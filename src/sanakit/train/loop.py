@@ -227,7 +227,7 @@ def train(cfg: Config) -> Path:
     )
     micro = 0
     step_loss = torch.zeros((), device=device)
-    bins: dict[int, list[float]] = defaultdict(list)
+    per_sigma: list[tuple[torch.Tensor, torch.Tensor]] = []  # binned at log time (no sync)
     finished = state.step >= cfg.train.max_steps
     while not finished:
         set_epoch(dataset, sampler.epoch)  # random flips are seeded by (seed, epoch, index)
@@ -284,8 +284,8 @@ def train(cfg: Config) -> Path:
                     out = flow_matching_loss(ddp_model, x0, embeds, mask, sigmas, noise)
                 accelerator.backward(out.loss / accum)
             step_loss += out.loss.detach() / accum
-            for b, v in loss_by_sigma_bin(out.per_sample, sigmas).items():
-                bins[b].append(v)
+            if writer is not None:
+                per_sigma.append((out.per_sample, sigmas))
             micro += 1
             if not is_last_micro:
                 tick = timers.add("model", tick)
@@ -313,7 +313,13 @@ def train(cfg: Config) -> Path:
                 )
                 if writer is not None:
                     log_scalars(
-                        writer, state, losses, grad_norm, split, bins, dropped_total, seen_total
+                        writer,
+                        state,
+                        losses,
+                        grad_norm,
+                        split,
+                        per_sigma,
+                        dropped_total / max(1, seen_total),
                     )
                 log.info(
                     "step %d/%d loss %.4f grad_norm %.3f lr %.2e dropout %.3f | time data %.2fs "
@@ -329,7 +335,7 @@ def train(cfg: Config) -> Path:
                     split.get("autoencoder", 0),
                     split.get("model", 0),
                 )
-                bins.clear()
+                per_sigma.clear()
             # a sharded model's forward needs every rank; only the main process writes
             if (is_main or sharded) and cfg.train.visualize and cfg.train.validation_prompts:
                 if state.step == 1 or state.step % cfg.train.eval_sampling_steps == 0:
@@ -531,16 +537,19 @@ def make_writer(cfg: Config, work_dir: Path):
     return SummaryWriter(str(work_dir / "logs"))
 
 
-def log_scalars(writer, state, losses, grad_norm, split, bins, dropped_total, seen_total) -> None:
+def log_scalars(writer, state, losses, grad_norm, split, per_sigma, dropout_rate) -> None:
     step = state.step
     writer.add_scalar("train/loss", sum(losses) / len(losses), step)
     writer.add_scalar("train/grad_norm", float(grad_norm), step)
     writer.add_scalar("train/lr", state.lr_scheduler.get_last_lr()[0], step)
-    writer.add_scalar("train/caption_dropout_rate", dropped_total / max(1, seen_total), step)
+    writer.add_scalar("train/caption_dropout_rate", dropout_rate, step)
     for name, seconds in split.items():
         writer.add_scalar(f"time/{name}", seconds, step)
-    for b, values in sorted(bins.items()):
-        writer.add_scalar(f"loss_by_sigma/bin{b}", sum(values) / len(values), step)
+    if per_sigma:
+        losses_t = torch.cat([p for p, _ in per_sigma])
+        sigmas_t = torch.cat([s for _, s in per_sigma])
+        for b, value in sorted(loss_by_sigma_bin(losses_t, sigmas_t).items()):
+            writer.add_scalar(f"loss_by_sigma/bin{b}", value, step)
 
 
 @torch.no_grad()
