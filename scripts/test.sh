@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
-.venv/bin/python -m pytest -q "$@"
+# two workers, one test file each at a time (module fixtures are built once per file)
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2

@@ -23,7 +23,7 @@ from sanakit.errors import ConfigError
 @dataclass
 class ModelConfig:
     image_size: int = 32
-    patch_size: int = 2
+    patch_size: int = 4
     num_layers: int = 4
     num_attention_heads: int = 4  # linear self-attention heads
     attention_head_dim: int = 32
@@ -64,7 +64,7 @@ class DataConfig:
 
 @dataclass
 class SchedulerConfig:
-    flow_shift: float = 1.0
+    flow_shift: float = 3.0
     weighting_scheme: str = "logit_normal"  # logit_normal | uniform
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -73,7 +73,7 @@ class SchedulerConfig:
 @dataclass
 class TrainConfig:
     train_batch_size: int = 32
-    max_steps: int = 1200
+    max_steps: int = 2000
     num_epochs: int = 1000
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -84,7 +84,7 @@ class TrainConfig:
     save_model_steps: int = 200
     checkpoints_total_limit: int = 3
     log_interval: int = 20
-    eval_sampling_steps: int = 400
+    eval_sampling_steps: int = 500
     visualize: bool = True
     validation_prompts: list[str] = field(
         default_factory=lambda: ["a red circle", "a green square", "a blue triangle"]
@@ -94,7 +94,7 @@ class TrainConfig:
     sampler: str = "flow_dpm_solver"  # flow_dpm_solver | flow_euler
     null_embed_root: str = ""  # "" = {work_dir}/pretrained_models
     allow_encoder_change: bool = False
-    ema_rate: float = 0.999
+    ema_rate: float = 0.995
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16
     early_stop_hours: float = 0.0  # 0 = no wall-clock budget
     cache_mode: str = "readwrite"  # off | read | readwrite
