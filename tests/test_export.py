@@ -73,7 +73,7 @@ def test_exported_pipeline_matches_sanakit_sampling(latent_run: Path, latent_exp
     assert settings["max_sequence_length"] == 8
     assert settings["complex_human_instruction"] is None
     assert settings["sampler"] == "flow_dpm_solver" and settings["num_inference_steps"] == 20
-    assert settings["guidance_scale"] == 4.5 and settings["flow_shift"] == 1.0
+    assert settings["guidance_scale"] == 4.5 and settings["flow_shift"] == 3.0
     null = settings["null_embedding"]
     assert "null_embed.pth" in null["source"] and null["provenance"]["encoder"] == "minilm"
     assert null["exported_encoder_reproduces_it"] is True
@@ -158,7 +158,7 @@ def test_export_pixel_model_layout_and_notice(pixel_run: Path, tmp_path: Path) -
     saved = load_file(str(checkpoint_dir(pixel_run, 2) / "model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in transformer.state_dict().items())
     scheduler = DPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
-    assert scheduler.config.use_flow_sigmas and scheduler.config.flow_shift == 1.0
+    assert scheduler.config.use_flow_sigmas and scheduler.config.flow_shift == 3.0
     AutoTokenizer.from_pretrained(out / "tokenizer")
     assert type(AutoModel.from_pretrained(out / "text_encoder")).__name__ == "BertModel"
     settings = json.loads((out / "sanakit.json").read_text())
