@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sanakit.tiny import make_tiny_autoencoder
+
 STEP_LINE = re.compile(
     r"time data (?P<data>[\d.]+)s text (?P<text>[\d.]+)s autoencoder (?P<autoencoder>[\d.]+)s "
     r"model (?P<model>[\d.]+)s"
@@ -54,28 +56,6 @@ def make_dataset(root: Path, n: int, size: int = 64) -> None:
         Image.fromarray(render(colour, shape, size, rng)).save(root / f"img_{i:05d}.png")
         words = f"a {SIZES[i % 3]} {colour} {shape} {PLACES[i % 5]}, picture number {i}"
         (root / f"img_{i:05d}.txt").write_text(words)
-
-
-def make_autoencoder(path: Path) -> Path:
-    """A ~69k-parameter AutoencoderDC (4 latent channels, factor 2), saved like a real one."""
-    import torch
-    from diffusers import AutoencoderDC
-
-    torch.manual_seed(0)
-    AutoencoderDC(
-        in_channels=3,
-        latent_channels=4,
-        encoder_block_out_channels=(16, 32),
-        decoder_block_out_channels=(16, 32),
-        encoder_layers_per_block=(1, 1),
-        decoder_layers_per_block=(1, 1),
-        encoder_qkv_multiscales=((), ()),
-        decoder_qkv_multiscales=((), ()),
-        encoder_block_types="ResBlock",
-        decoder_block_types="ResBlock",
-        scaling_factor=0.5,
-    ).save_pretrained(path)
-    return path
 
 
 class SplitCollector(logging.Handler):
@@ -148,7 +128,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         make_dataset(base / "data", n)
-        vae = make_autoencoder(base / "tiny-dcae")
+        vae = make_tiny_autoencoder("dc-ae", base / "tiny-dcae")
         print(f"dataset: {n} images of 64 px in {time.perf_counter() - t0:.1f}s at {base}")
         steps = math.ceil(n / args.batch)
         common = [

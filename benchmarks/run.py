@@ -38,8 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import save_bench_autoencoder  # noqa: E402
+from sanakit.tiny import make_tiny_autoencoder  # noqa: E402
 
 GOALS = {
     "trainer_vs_bare": 0.97,
@@ -282,7 +281,7 @@ def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
 
 def make_latent_checkpoint(root: Path) -> Path:
     """A 1-step latent (DC-AE) run of the default model at 64 px, via the real CLI."""
-    vae = save_bench_autoencoder(root / "dcae")
+    vae = make_tiny_autoencoder("dc-ae", root / "dcae")
     work = root / "latent"
     cmd = [
         sys.executable,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests import helpers_models as a module
+sys.path.insert(0, str(Path(__file__).parent))  # tests import conftest helpers
 
 # A tiny, fast training setup that still goes through every part of the real loop.
 FAST = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import helpers_models as hm
 import pytest
 import torch
 
+import sanakit.tiny as hm
 from sanakit.autoencoder import (
     Autoencoder,
     DCAutoencoder,

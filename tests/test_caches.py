@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
-import helpers_models as hm
 import numpy as np
 import pytest
 import torch
 from conftest import FAST, losses, run_sanakit
 from PIL import Image
 
+import sanakit.tiny as hm
 from sanakit import artifacts
 from sanakit.autoencoder import build_autoencoder
 from sanakit.caches import LatentCache, TextEmbeddingCache, flush_writes

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, checkpoint_dir, cli_env, run_sanakit
-from helpers_models import make_tiny_autoencoder
 from safetensors.torch import load_file
+
+from sanakit.tiny import make_tiny_autoencoder
 
 # A latent model: tiny random AutoencoderDC (factor 2), 32 px images -> 16x16x4 latents.
 LATENT = [

@@ -52,6 +52,14 @@ def test_a_debug_without_visualize_resumes(first_run, tmp_path):
     assert f"resumed from {checkpoint_dir(work, 4)}" in out.stderr
     assert "loaded null embedding" in out.stderr
     assert len(losses(work)) == 6
+    # --debug turned tensorboard on: the caption-dropout rate actually applied is a scalar there
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "logs"))
+    events.Reload()
+    rates = [e.value for e in events.Scalars("train/caption_dropout_rate")]
+    assert len(rates) == 6 and all(0.0 <= r <= 1.0 for r in rates)
+    assert any(t.startswith("loss_by_sigma/") for t in events.Tags()["scalars"])
 
 
 def test_b_external_file_deleted_between_runs(first_run, tmp_path):

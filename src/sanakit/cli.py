@@ -42,6 +42,8 @@ class OneLineParser(argparse.ArgumentParser):
 def setup_console_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # per-tensor "Loading weights" bars of a 22M-parameter encoder are noise, not progress
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("sanakit %(levelname)s: %(message)s"))

@@ -1,6 +1,8 @@
-"""Tiny random diffusers autoencoders for tests (a plain module: ``import helpers_models``).
+"""Tiny random-weight diffusers autoencoders for tests, benchmarks and offline trials.
 
-Saved with ``save_pretrained`` so tests go through the real ``from_pretrained`` loaders.
+No weights can be downloaded here, so the latent path is exercised with these: saved with
+``save_pretrained``, they go through the real ``from_pretrained`` loaders. Their outputs are
+meaningless; only shapes, scaling and speed are.
 """
 
 from __future__ import annotations
