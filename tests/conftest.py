@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,44 @@ def checkpoint_dir(work_dir: Path, step: int) -> Path:
 @pytest.fixture
 def fast() -> list[str]:
     return list(FAST)
+
+
+# torchrun with two CPU ranks on a free port
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run_launched(launcher: list[str], *args: str, timeout: float = 300):
+    """``sanakit ARGS`` under a launcher (torchrun, accelerate launch)."""
+    return subprocess.run(
+        [*launcher, "-m", "sanakit", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+    )
+
+
+def start_sanakit(*args: str, launcher: list[str] | None = None) -> subprocess.Popen:
+    """A running ``sanakit ARGS`` (plain or under a launcher) whose output is captured."""
+    prefix = [*launcher, "-m", "sanakit"] if launcher else [sys.executable, "-m", "sanakit"]
+    return subprocess.Popen(
+        [*prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+    )
+
+
+def wait_for_steps(proc: subprocess.Popen, work_dir: Path, steps: int, timeout: float = 120):
+    """Block until ``metrics.jsonl`` shows ``steps`` optimizer steps (needs log_interval=1)."""
+    metrics = Path(work_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, f"no {steps} steps within {timeout} s"
+        time.sleep(0.05)
+
+
+def the_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line a refused command prints (and no traceback)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    return errors[0]

@@ -6,11 +6,21 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, checkpoint_dir, cli_env, losses, run_sanakit
+from conftest import (
+    FAST,
+    TORCHRUN,
+    checkpoint_dir,
+    cli_env,
+    losses,
+    run_launched,
+    run_sanakit,
+    start_sanakit,
+    the_error_line,
+    wait_for_steps,
+)
 from safetensors.torch import load_file
 
 from sanakit.train.checkpoint import find_latest, verify_checkpoint
@@ -18,26 +28,8 @@ from sanakit.train.checkpoint import find_latest, verify_checkpoint
 BASE = [*FAST, "--data.max_samples=48", "--train.ema_rate=0.9"]  # 6 global batches of 8
 
 
-def torchrun(work: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "sanakit",
-            "train",
-            f"--work_dir={work}",
-            *BASE,
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=300,
-    )
+def torchrun(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = run_launched(TORCHRUN, "train", f"--work_dir={work}", *BASE, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -120,39 +112,20 @@ def test_resume_with_another_global_batch_stops_with_one_line(two_ranks, tmp_pat
         "--train.max_steps=4",
     )
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "global batch" in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert "global batch" in the_error_line(result)
 
 
 def test_sigterm_to_the_launcher_stops_all_ranks_at_one_step(tmp_path):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "sanakit",
-            "train",
-            f"--work_dir={tmp_path}",
-            *BASE,
-            "--train.train_batch_size=4",
-            "--train.max_steps=100000",
-            "--train.save_model_steps=100000",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
+    proc = start_sanakit(
+        "train",
+        f"--work_dir={tmp_path}",
+        *BASE,
+        "--train.train_batch_size=4",
+        "--train.max_steps=100000",
+        "--train.save_model_steps=100000",
+        launcher=TORCHRUN,
     )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_steps(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     # torchrun itself reports the signal with a non-zero code; our ranks exit cleanly

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, checkpoint_dir, cli_env, losses, run_sanakit
+from conftest import FAST, TORCHRUN, checkpoint_dir, losses, run_launched, run_sanakit
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,18 +27,9 @@ WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 
 def launch(launcher: list[str], work: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*launcher, "-m", "sanakit", "train", f"--work_dir={work}", *BASE, *extra],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=300,
-    )
+    result = run_launched(launcher, "train", f"--work_dir={work}", *BASE, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def fsdp(work: Path, *extra: str) -> subprocess.CompletedProcess:

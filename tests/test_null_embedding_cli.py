@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, checkpoint_dir, cli_env, losses, run_sanakit
+from conftest import (
+    FAST,
+    TORCHRUN,
+    checkpoint_dir,
+    losses,
+    run_launched,
+    run_sanakit,
+    the_error_line,
+)
 
 NULL_NAME = "null_embed_diffusers_minilm_8token_384.pth"  # FAST uses max_length 8
 SANA_216 = [
@@ -106,10 +113,8 @@ def test_checkpoint_from_another_encoder_length_stops_with_both_provenances(firs
         "--text_encoder.max_length=12",
     )
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1
-    assert "max_length=8" in errors[0] and "max_length=12" in errors[0]
-    assert "Traceback" not in result.stderr
+    error = the_error_line(result)
+    assert "max_length=8" in error and "max_length=12" in error
 
 
 def test_debug_run_writes_the_same_artifacts_as_a_normal_run(first_run, tmp_path):
@@ -142,25 +147,8 @@ def test_debug_run_writes_the_same_artifacts_as_a_normal_run(first_run, tmp_path
 
 def test_e_two_processes_on_a_fresh_work_dir_build_it_once(tmp_path):
     work = tmp_path / "work"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "sanakit",
-            "train",
-            f"--work_dir={work}",
-            *FAST,
-            *SANA_216,
-            "--train.max_steps=2",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=300,
+    result = run_launched(
+        TORCHRUN, "train", f"--work_dir={work}", *FAST, *SANA_216, "--train.max_steps=2"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("built null embedding") == 1
