@@ -163,3 +163,36 @@ def test_concurrent_builders_share_one_null_embedding_build(tmp_path):
     statuses = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert all(p.returncode == 0 for p in procs)
     assert statuses == ["built", "loaded"]
+
+
+def test_a_rank_whose_whole_share_is_unreadable_keeps_step_with_the_others(tmp_path):
+    """Batch 1 per rank and a corrupt image: some rank gets nothing readable for a micro-batch.
+    It must still take part in the gradient all-reduce (zero-weight stand-in). Skipping it
+    instead silently paired gradients of different batches and left the ranks an epoch apart
+    (seen: sampler positions epoch 1 / batch 3 vs epoch 2 / batch 2)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (40 * i, 200, 30)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a picture number {i}")
+    (root / "bad.png").write_bytes(b"\x89PNG broken")
+    (root / "bad.txt").write_text("a broken picture")
+    result = run_launched(
+        TORCHRUN,
+        "train",
+        f"--work_dir={tmp_path / 'w'}",
+        *FAST,
+        "--data.type=image_folder",
+        f"--data.data_dir=[{root}]",
+        "--train.train_batch_size=1",
+        "--train.max_steps=6",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unreadable" in result.stderr
+    assert len(losses(tmp_path / "w")) == 6
+    final = checkpoint_dir(tmp_path / "w", 6)
+    positions = [(final / f"sampler_rank{r}.json").read_text() for r in (0, 1)]
+    assert positions[0] == positions[1]  # both ranks consumed the same global batches

@@ -253,8 +253,16 @@ def train(cfg: Config) -> Path:
             sigmas, noise, drop_draw = sigmas[mine], noise[mine].to(device), drop_draw[mine]
             sampler.advance()
             bad_samples += batch["num_bad"]
-            if batch["pixels"] is None:
-                continue  # every sample of this rank's share was unreadable
+            weight = 1.0
+            if batch["pixels"] is None:  # every sample of this rank's share was unreadable
+                if world == 1:
+                    continue
+                # the other ranks all-reduce this micro-batch's gradients: take part with a
+                # zero-weight blank stand-in, or they would wait for this rank forever
+                batch = {"pixels": torch.zeros(1, 3, h, w), "captions": [""]}
+                sigmas, drop_draw = torch.full((1,), 0.5), torch.ones(1)
+                noise = torch.zeros(1, *noise_shape[1:], device=device)
+                weight = 0.0
             tick = timers.add("data", tick)
 
             x0 = latent_cache.encode(batch["pixels"])  # per image: cached or encoded alone
@@ -282,8 +290,8 @@ def train(cfg: Config) -> Path:
             with sync:
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                     out = flow_matching_loss(ddp_model, x0, embeds, mask, sigmas, noise)
-                accelerator.backward(out.loss / accum)
-            step_loss += out.loss.detach() / accum
+                accelerator.backward(out.loss * (weight / accum))
+            step_loss += out.loss.detach() * (weight / accum)
             if writer is not None:
                 per_sigma.append((out.per_sample, sigmas))
             micro += 1
