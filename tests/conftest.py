@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,26 @@ def losses(work_dir: Path) -> list[float]:
 
 def checkpoint_dir(work_dir: Path, step: int) -> Path:
     return Path(work_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+# FAST but with the default text_encoder.max_length (16), for tests that change it later
+TINY = [a for a in FAST if not a.startswith("--text_encoder.max_length")]
+CKPT = "checkpoints/step_00000002"
+
+
+@pytest.fixture(scope="session")
+def tiny_work_dir(tmp_path_factory) -> Path:
+    """A real 2-step TINY run, made once per test worker (bad-input and doctor tests)."""
+    from sanakit.train.checkpoint import verify_checkpoint
+
+    work = tmp_path_factory.getbasetemp() / "tiny_run_len16"
+    if verify_checkpoint(work / CKPT) is None:
+        return work
+    shutil.rmtree(work, ignore_errors=True)
+    done = run_sanakit("train", f"--work_dir={work}", "--train.max_steps=2", *TINY)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert verify_checkpoint(work / CKPT) is None
+    return work
 
 
 @pytest.fixture

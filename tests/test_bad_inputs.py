@@ -19,36 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_sanakit
+from conftest import CKPT, TINY, run_sanakit
 
 from sanakit.cli import COMMANDS
-from sanakit.train.checkpoint import verify_checkpoint
 
 # FAST with the default text length (16): the provenance the doctor tests compare against
-TINY = [a for a in FAST if not a.startswith("--text_encoder.max_length")]
 BOUNDED = ["--train.max_steps=3"]  # should a case wrongly start training, it stays short
-CKPT = "checkpoints/step_00000002"
 NO_CACHE = "cache" not in COMMANDS
 CACHE_XFAIL = pytest.mark.xfail(
     NO_CACHE, reason="`sanakit cache` (build|verify) is not in sanakit.cli yet", strict=True
 )
-
-
-def tiny_run(base: Path) -> Path:
-    """A real 2-step run with TINY settings, made once per session (shared with test_doctor)."""
-    work = base / "tiny_run_len16"
-    if verify_checkpoint(work / CKPT) is None:
-        return work
-    shutil.rmtree(work, ignore_errors=True)
-    done = run_sanakit("train", f"--work_dir={work}", "--train.max_steps=2", *TINY)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert verify_checkpoint(work / CKPT) is None
-    return work
-
-
-@pytest.fixture(scope="session")
-def tiny_work_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp())
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -34,6 +34,13 @@ def torchrun(work: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
+def one_process(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    """1 process x batch 8: the same global batch as 2 ranks x 4."""
+    result = run_sanakit("train", f"--work_dir={work}", *BASE, "--train.train_batch_size=8", *extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """2 ranks x batch 4, 8 steps uninterrupted (crosses an epoch: 6 steps per epoch)."""
@@ -53,14 +60,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path
     differs. Tolerance: losses within 1e-6 relative; weights within 1e-4 absolute, a tenth of
     one AdamW step at lr 1e-3 (Adam's normalisation turns last-bit gradient differences on
     near-zero gradients into differences of that order; measured 3e-5 after 8 steps)."""
-    result = run_sanakit(
-        "train",
-        f"--work_dir={tmp_path}",
-        *BASE,
-        "--train.train_batch_size=8",
-        "--train.max_steps=8",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    one_process(tmp_path, "--train.max_steps=8")
     assert losses(tmp_path) == pytest.approx(losses(two_ranks), rel=1e-6)
     diff = max_weight_diff(
         checkpoint_dir(tmp_path, 8) / "model.safetensors",
@@ -90,14 +90,7 @@ def test_two_rank_stop_and_resume_is_exact(two_ranks, tmp_path):
 
 def test_resume_on_one_rank_with_the_same_global_batch_reshards(two_ranks, tmp_path):
     torchrun(tmp_path, "--train.train_batch_size=4", "--train.max_steps=3")
-    result = run_sanakit(
-        "train",
-        f"--work_dir={tmp_path}",
-        *BASE,
-        "--train.train_batch_size=8",
-        "--train.max_steps=8",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = one_process(tmp_path, "--train.max_steps=8")
     assert "resuming with 1 processes from a checkpoint written by 2" in result.stderr
     assert losses(tmp_path) == pytest.approx(losses(two_ranks), rel=1e-6)
 

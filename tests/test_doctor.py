@@ -17,17 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, cli_env, run_sanakit
+from conftest import CKPT, TINY, cli_env, run_sanakit
 
 from sanakit.cli import main
 from sanakit.config import load_config
 from sanakit.doctor import preflight
 from sanakit.fsutil import free_bytes
-from sanakit.train.checkpoint import verify_checkpoint
 from sanakit.train.dry_run import DryRunResult, format_report
 
-TINY = [a for a in FAST if not a.startswith("--text_encoder.max_length")]  # max_length 16
-CKPT = "checkpoints/step_00000002"
 LINE = re.compile(r"^(PASS|WARN|FAIL) [a-z_]+: \S.*$")
 ALL_CHECKS = [
     "config",
@@ -44,22 +41,6 @@ ALL_CHECKS = [
     "null_embed_provenance",
     "distributed",
 ]
-
-
-def tiny_run(base: Path) -> Path:
-    """A real 2-step run with TINY settings, made once per session (shared with bad-input tests)."""
-    work = base / "tiny_run_len16"
-    if verify_checkpoint(work / CKPT) is None:
-        return work
-    shutil.rmtree(work, ignore_errors=True)
-    done = run_sanakit("train", f"--work_dir={work}", "--train.max_steps=2", *TINY)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return work
-
-
-@pytest.fixture(scope="session")
-def tiny_work_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

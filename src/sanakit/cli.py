@@ -99,12 +99,11 @@ def cmd_train(args: list[str]) -> int:
         return dry_run(cfg)
     from sanakit.doctor import preflight
 
-    # train() runs (and prints) the same checks; running them first, silently, makes a FAIL
-    # cost ~1 s instead of the ~5 s it takes to import the training stack
-    preflight(cfg, echo=False)
+    # before importing the training stack: a FAIL then costs ~1 s instead of ~5 s
+    preflight(cfg)
     from sanakit.train.loop import train
 
-    train(cfg)
+    train(cfg, preflight_done=True)
     return 0
 
 

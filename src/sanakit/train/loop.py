@@ -131,12 +131,16 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
-def train(cfg: Config) -> Path:
-    """Run (or continue) the training job described by ``cfg``; returns the last checkpoint."""
+def train(cfg: Config, preflight_done: bool = False) -> Path:
+    """Run (or continue) the training job described by ``cfg``; returns the last checkpoint.
+
+    ``preflight_done``: the caller (the CLI) already ran ``doctor.preflight`` on this config.
+    """
     from sanakit.doctor import preflight
 
     work_dir = Path(cfg.work_dir)
-    preflight(cfg)  # cheap checks before any model is loaded; raises on a FAIL
+    if not preflight_done:
+        preflight(cfg)  # cheap checks before any model is loaded; raises on a FAIL
     accelerator = setup_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
