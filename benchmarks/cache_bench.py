@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanakit.tiny import make_tiny_autoencoder
+from sanakit.models.tiny import make_tiny_autoencoder
 
 STEP_LINE = re.compile(
     r"time data (?P<data>[\d.]+)s text (?P<text>[\d.]+)s autoencoder (?P<autoencoder>[\d.]+)s "
@@ -75,8 +75,8 @@ class SplitCollector(logging.Handler):
 
 
 def run_epoch(label: str, work: Path, common: list[str], mode: str) -> dict:
-    from sanakit.caches import flush_writes
     from sanakit.config import load_config
+    from sanakit.embeddings.caches import flush_writes
     from sanakit.train.loop import train
 
     cfg = load_config(None, [f"--work_dir={work}", f"--train.cache_mode={mode}", *common])

@@ -56,7 +56,7 @@ def save_seconds(work: Path, saves: int) -> tuple[float, int]:
 
     from sanakit.config import from_yaml_text
     from sanakit.data.sampler import ResumableSampler
-    from sanakit.train import checkpoint as ckpt
+    from sanakit.io import checkpoint as ckpt
     from sanakit.train.components import build_lr_scheduler, build_models, build_optimizer
     from sanakit.train.state import EMA, TrainState, read_null_embedding
 

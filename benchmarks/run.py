@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from sanakit.tiny import make_tiny_autoencoder  # noqa: E402
+from sanakit.models.tiny import make_tiny_autoencoder  # noqa: E402
 
 GOALS = {
     "trainer_vs_bare": 0.97,
@@ -159,7 +159,7 @@ class BareLoop:
 
     def __init__(self, work_dir: Path) -> None:
         from sanakit.data.formats import build_dataset
-        from sanakit.text.cache import CaptionEncoder
+        from sanakit.embeddings.captions import CaptionEncoder
         from sanakit.train.components import build_models, latent_shape
 
         cfg = default_config(work_dir)

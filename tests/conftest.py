@@ -69,7 +69,7 @@ CKPT = "checkpoints/step_00000002"
 @pytest.fixture(scope="session")
 def tiny_work_dir(tmp_path_factory) -> Path:
     """A real 2-step TINY run, made once per test worker (bad-input and doctor tests)."""
-    from sanakit.train.checkpoint import verify_checkpoint
+    from sanakit.io.checkpoint import verify_checkpoint
 
     work = tmp_path_factory.getbasetemp() / "tiny_run_len16"
     if verify_checkpoint(work / CKPT) is None:

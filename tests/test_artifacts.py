@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sanakit.artifacts import Artifact, get_or_build
 from sanakit.errors import ArtifactError, CheckpointError
-from sanakit.text.null_embedding import (
+from sanakit.io.artifacts import Artifact, get_or_build
+from sanakit.models.text.null_embedding import (
     EMBEDS,
     MASK,
     NullEmbedding,
@@ -98,7 +98,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
     from sanakit.config import TextEncoderConfig
-    from sanakit.text import build_text_encoder
+    from sanakit.models.text import build_text_encoder
 
     return build_text_encoder(TextEncoderConfig(max_length=8))
 
@@ -147,7 +147,7 @@ def test_checkpoint_provenance_mismatch_stops_unless_allowed(minilm):
 
 
 def test_there_is_one_way_to_get_a_null_embedding():
-    """Only text/null_embedding.py builds it; everything else calls obtain_null_embedding or
+    """Only models/text/null_embedding.py builds it; everything else calls obtain_null_embedding or
     reads a checkpoint's own copy (Sana #216: the file was only written inside `visualize`)."""
     src = Path(__file__).parent.parent / "src" / "sanakit"
     builders, obtainers = [], []
@@ -156,9 +156,9 @@ def test_there_is_one_way_to_get_a_null_embedding():
         rel = path.relative_to(src).as_posix()
         if re.search(r"\.null_embedding\(\)", text):
             builders.append(rel)
-        if "obtain_null_embedding(" in text and rel != "text/null_embedding.py":
+        if "obtain_null_embedding(" in text and rel != "models/text/null_embedding.py":
             obtainers.append(rel)
-    assert builders == ["text/null_embedding.py"]
+    assert builders == ["models/text/null_embedding.py"]
     assert obtainers == ["train/loop.py"]
     loop = (src / "train" / "loop.py").read_text()
     call = loop.index("obtain_null_embedding(")

@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import sanakit.tiny as hm
-from sanakit.autoencoder import (
+import sanakit.models.tiny as hm
+from sanakit.errors import ModelLoadError
+from sanakit.models.autoencoder import (
     Autoencoder,
     DCAutoencoder,
     KLAutoencoder,
     PixelAutoencoder,
     build_autoencoder,
 )
-from sanakit.errors import ModelLoadError
 
 
 def vae_cfg(kind: str, path: object = "", scaling=None, shift=None) -> SimpleNamespace:

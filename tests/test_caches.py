@@ -13,16 +13,16 @@ import torch
 from conftest import FAST, losses, run_sanakit
 from PIL import Image
 
-import sanakit.tiny as hm
-from sanakit import artifacts
-from sanakit.autoencoder import build_autoencoder
-from sanakit.caches import LatentCache, TextEmbeddingCache, flush_writes
+import sanakit.models.tiny as hm
 from sanakit.cli import main as cli_main
 from sanakit.config import load_config
 from sanakit.data.formats import load_image
 from sanakit.data.shapes import render
-from sanakit.text.cache import CaptionEncoder
-from sanakit.text.minilm import MiniLMEncoder
+from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache, flush_writes
+from sanakit.embeddings.captions import CaptionEncoder
+from sanakit.io import artifacts
+from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.text.minilm import MiniLMEncoder
 
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green triangle far away"]
 

@@ -1,4 +1,4 @@
-"""Crash-safety tests for sanakit.fsutil and sanakit.train.checkpoint, on real files.
+"""Crash-safety tests for sanakit.io.atomic and sanakit.io.checkpoint, on real files.
 
 The kill tests run a real writer subprocess and SIGKILL it at seeded random moments; the
 ``SANAKIT_TEST_SLOW_WRITE`` hook stretches each file write so kills land mid-write.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sanakit.errors import CheckpointError
-from sanakit.fsutil import (
+from sanakit.io.atomic import (
     SLOW_WRITE_ENV,
     atomic_write,
     atomic_write_bytes,
@@ -30,13 +30,14 @@ from sanakit.fsutil import (
     sha256_file,
     slow_write_pause,
 )
-from sanakit.train.checkpoint import (
+from sanakit.io.checkpoint import (
     checkpoint_step,
     clean_stale,
     find_latest,
     has_room,
     list_checkpoints,
     read_manifest,
+    recover_interrupted,
     rotate,
     verify_checkpoint,
     write_checkpoint,
@@ -84,10 +85,13 @@ WRITER_SRC = PAYLOAD_SRC + textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from sanakit.fsutil import atomic_write_bytes
-    from sanakit.train.checkpoint import checkpoint_step, find_latest, rotate, write_checkpoint
+    from sanakit.io.atomic import atomic_write_bytes
+    from sanakit.io.checkpoint import (
+        checkpoint_step, find_latest, recover_interrupted, rotate, write_checkpoint,
+    )
 
     d, side, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    recover_interrupted(d)  # as a resuming trainer does before it chooses
     latest, _ = find_latest(d)
     step = checkpoint_step(latest) if latest is not None else 0
     i = 0
@@ -176,7 +180,7 @@ def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
         import sys
         import time
         from pathlib import Path
-        from sanakit.fsutil import atomic_write
+        from sanakit.io.atomic import atomic_write
 
         def slow_writer(data):
             # Like a large torch.save: the file grows over time, so a kill can land mid-file.
@@ -395,6 +399,8 @@ def test_interrupted_resave_is_recovered(tmp_path: Path) -> None:
     old = d / f".step_00000003.old-{pid}-0badc0de"
     ck.rename(old)
     shutil.copytree(old, d / f".step_00000003.tmp-{pid}-0badc0de")
+    assert find_latest(d) == (d / "step_00000002", [])  # read-only: renames nothing
+    assert recover_interrupted(d) == [ck]
     assert find_latest(d) == (ck, [])
     assert_payload(ck, 3)
     assert not old.exists()
@@ -470,6 +476,7 @@ def test_checkpoint_writer_survives_sigkill(tmp_path: Path) -> None:
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, "writer exited before it was killed"
 
+        recover_interrupted(d)  # what the next writer or trainer does first
         latest, skipped = find_latest(d)
         assert skipped == [], "a step_* name appeared for an incomplete checkpoint"
         if latest is not None:

@@ -145,7 +145,7 @@ def test_resolved_yaml_round_trips():
 
 @pytest.mark.parametrize("name", ["sana_600m_512", "sana_1600m_1024"])
 def test_sana_configs_build_on_the_meta_device(name):
-    from sanakit.model import build_transformer, count_parameters
+    from sanakit.models.transformer import build_transformer, count_parameters
 
     cfg = load_config(packaged_config_path(name))
     with torch.device("meta"):

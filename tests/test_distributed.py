@@ -23,7 +23,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from sanakit.train.checkpoint import find_latest, verify_checkpoint
+from sanakit.io.checkpoint import find_latest, verify_checkpoint
 
 BASE = [*FAST, "--data.max_samples=48", "--train.ema_rate=0.9"]  # 6 global batches of 8
 
@@ -138,7 +138,7 @@ def test_concurrent_builders_share_one_null_embedding_build(tmp_path):
         f"""
         import sys, time, torch
         from pathlib import Path
-        from sanakit.artifacts import Artifact, get_or_build
+        from sanakit.io.artifacts import Artifact, get_or_build
         def build():
             time.sleep(1.0)  # a slow builder widens the race window
             return {{"x": torch.arange(1000.0)}}

@@ -22,7 +22,7 @@ from conftest import CKPT, TINY, cli_env, run_sanakit
 from sanakit.cli import main
 from sanakit.config import load_config
 from sanakit.doctor import preflight
-from sanakit.fsutil import free_bytes
+from sanakit.io.atomic import free_bytes
 from sanakit.train.dry_run import DryRunResult, format_report
 
 LINE = re.compile(r"^(PASS|WARN|FAIL) [a-z_]+: \S.*$")

@@ -18,7 +18,7 @@ import torch
 from conftest import FAST, checkpoint_dir, cli_env, run_sanakit
 from safetensors.torch import load_file
 
-from sanakit.tiny import make_tiny_autoencoder
+from sanakit.models.tiny import make_tiny_autoencoder
 
 # A latent model: tiny random AutoencoderDC (factor 2), 32 px images -> 16x16x4 latents.
 LATENT = [
@@ -219,7 +219,7 @@ def _diffusers_transformer(work: Path, overrides: list[str], dest: Path, seed: i
     from diffusers import SanaTransformer2DModel
 
     from sanakit.config import load_config
-    from sanakit.model import transformer_kwargs
+    from sanakit.models.transformer import transformer_kwargs
 
     cfg = load_config(None, [f"--work_dir={work}", *overrides])
     torch.manual_seed(seed)

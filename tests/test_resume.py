@@ -22,7 +22,7 @@ from conftest import (
     wait_for_steps,
 )
 
-from sanakit.train.checkpoint import find_latest, verify_checkpoint
+from sanakit.io.checkpoint import find_latest, verify_checkpoint
 
 # accumulation 2 x batch 4 over 40 samples: 5 optimizer steps per epoch, so 12 steps cross
 # two epoch boundaries; EMA on.

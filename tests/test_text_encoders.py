@@ -26,17 +26,17 @@ from transformers import (
 )
 
 from sanakit.errors import ConfigError, ModelLoadError
-from sanakit.text import (
+from sanakit.models.text import (
     SANA_COMPLEX_HUMAN_INSTRUCTION,
     TextEncoder,
     build_text_encoder,
     instruction_hash,
 )
-from sanakit.text import base as text_base
-from sanakit.text.gemma import GemmaEncoder
-from sanakit.text.t5 import T5Encoder
+from sanakit.models.text import base as text_base
+from sanakit.models.text.gemma import GemmaEncoder
+from sanakit.models.text.t5 import T5Encoder
 
-TEXT_LOGGER = "sanakit.text.base"
+TEXT_LOGGER = "sanakit.models.text.base"
 SHORT_CHI = ["Describe the scene below in vivid detail:", "User Prompt: "]
 # Different lengths, mixed case and surrounding blanks (the pipeline lower-cases and strips), the
 # empty prompt, and one prompt long enough to be truncated at max_length=16.

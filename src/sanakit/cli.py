@@ -144,13 +144,13 @@ def cmd_sample(args: list[str]) -> int:
         raise SanakitError(f"--out={out} must end in .png")
     if not out.parent.exists() and str(out.parent) not in ("", "."):
         raise SanakitError(f"--out directory {out.parent} does not exist; create it first")
-    from sanakit.train.checkpoint import resolve_checkpoint
+    from sanakit.io.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(opts.checkpoint)  # fail fast, before the heavy imports
     from PIL import Image
 
-    from sanakit.fsutil import atomic_write
     from sanakit.inference import load_for_inference
+    from sanakit.io.atomic import atomic_write
     from sanakit.sampling import to_uint8_grid
 
     inf = load_for_inference(
@@ -185,8 +185,8 @@ def cmd_eval(args: list[str]) -> int:
     import yaml
 
     from sanakit.evaluate import evaluate, format_table, to_uint8
-    from sanakit.fsutil import atomic_write_text
     from sanakit.inference import load_for_inference
+    from sanakit.io.atomic import atomic_write_text
 
     inf = load_for_inference(opts.checkpoint, ema=opts.ema)
     if inf.cfg.data.type != "shapes":
@@ -285,8 +285,8 @@ def cmd_cache(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(CACHE_USAGE)
         return 0
-    from sanakit.caches import build_caches, cache_root, format_verify, verify_caches
     from sanakit.config import load_config
+    from sanakit.embeddings.caches import build_caches, cache_root, format_verify, verify_caches
 
     config, overrides = split_config_args(rest)
     cfg = load_config(config, overrides)

@@ -73,7 +73,7 @@ def _temp_sibling(out_dir: Path, tag: str) -> Path:
 
 def _remove_stale_siblings(out_dir: Path) -> None:
     """Delete temp folders of earlier exports to ``out_dir`` whose process is gone (kill -9)."""
-    from sanakit.fsutil import owner_alive
+    from sanakit.io.atomic import owner_alive
 
     prefix = f".{out_dir.name}."
     if not out_dir.parent.is_dir():
@@ -90,7 +90,7 @@ def _remove_stale_siblings(out_dir: Path) -> None:
 
 def check_destination(out_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty ``out_dir`` unless ``overwrite``; the parent must be writable."""
-    from sanakit.fsutil import check_writable
+    from sanakit.io.atomic import check_writable
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"export destination {out_dir} is a file; pass a directory path")
@@ -105,7 +105,7 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    from sanakit.fsutil import fsync_dir, fsync_file
+    from sanakit.io.atomic import fsync_dir, fsync_file
 
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
@@ -115,7 +115,7 @@ def _fsync_tree(root: Path) -> None:
 
 def _install(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` folder to ``out_dir``, replacing what is there."""
-    from sanakit.fsutil import fsync_dir
+    from sanakit.io.atomic import fsync_dir
 
     old = None
     if out_dir.is_dir():
@@ -293,9 +293,9 @@ def export_checkpoint(
 
     Raises :class:`SanakitError` subclasses (one line) for a bad checkpoint or destination.
     """
-    from sanakit.fsutil import slow_write_pause
     from sanakit.inference import load_for_inference
-    from sanakit.train.checkpoint import resolve_checkpoint
+    from sanakit.io.atomic import slow_write_pause
+    from sanakit.io.checkpoint import resolve_checkpoint
     from sanakit.train.state import read_trainer_state
 
     out_dir = Path(out_dir)

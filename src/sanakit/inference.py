@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from sanakit.config import Config, from_yaml_text
+from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.errors import CheckpointError
+from sanakit.io.checkpoint import resolve_checkpoint
+from sanakit.models.text.null_embedding import NullEmbedding, check_matches_checkpoint
 from sanakit.sampling import sample_latents
-from sanakit.text.cache import CaptionEncoder
-from sanakit.text.null_embedding import NullEmbedding, check_matches_checkpoint
-from sanakit.train.checkpoint import resolve_checkpoint
 from sanakit.train.components import autocast_dtype, build_models, latent_shape
 from sanakit.train.state import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_null_embedding
 

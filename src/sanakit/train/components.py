@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset
 
 from sanakit.config import Config
 from sanakit.errors import ConfigError
-from sanakit.model import build_transformer
+from sanakit.models.transformer import build_transformer
 
 log = logging.getLogger("sanakit")
 
@@ -99,14 +99,14 @@ def build_lr_scheduler(
 
 @dataclass
 class Models:
-    text_encoder: Any  # sanakit.text.TextEncoder
-    autoencoder: Any  # sanakit.autoencoder.Autoencoder
+    text_encoder: Any  # sanakit.models.text.TextEncoder
+    autoencoder: Any  # sanakit.models.autoencoder.Autoencoder
     transformer: torch.nn.Module
 
 
 def build_models(cfg: Config, device: torch.device) -> Models:
-    from sanakit.autoencoder import build_autoencoder
-    from sanakit.text import build_text_encoder
+    from sanakit.models.autoencoder import build_autoencoder
+    from sanakit.models.text import build_text_encoder
 
     text_encoder = build_text_encoder(cfg.text_encoder, device)
     autoencoder = build_autoencoder(cfg.vae, device, torch.float32)

@@ -126,7 +126,7 @@ def run_dry_run(cfg: Config, root: Path) -> DryRunResult:
     """Run the three trainings under ``root`` and collect their losses (root is not removed)."""
     import torch
 
-    from sanakit.train import checkpoint as ckpt
+    from sanakit.io import checkpoint as ckpt
 
     straight, first, second = dry_run_configs(cfg, root)
     quiet = io.StringIO()

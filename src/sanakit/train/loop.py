@@ -24,17 +24,17 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from sanakit.caches import LatentCache, TextEmbeddingCache
 from sanakit.config import Config, null_embed_root, to_yaml
 from sanakit.data.sampler import ResumableSampler
+from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache
+from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.errors import CheckpointError, SanakitError
 from sanakit.flow import drop_captions, flow_matching_loss, loss_by_sigma_bin, sample_sigmas
-from sanakit.fsutil import atomic_write_text
-from sanakit.model import load_weights
+from sanakit.io import checkpoint as ckpt
+from sanakit.io.atomic import atomic_write_text
+from sanakit.models.text.null_embedding import check_matches_checkpoint, obtain_null_embedding
+from sanakit.models.transformer import load_weights
 from sanakit.sampling import sample_latents, to_uint8_grid
-from sanakit.text.cache import CaptionEncoder
-from sanakit.text.null_embedding import check_matches_checkpoint, obtain_null_embedding
-from sanakit.train import checkpoint as ckpt
 from sanakit.train import parallel
 from sanakit.train.components import (
     accelerate_precision,
@@ -117,7 +117,10 @@ def resolve_resume(cfg: Config) -> Path | None:
     if target in ("", "none", "null", None):
         return None
     if target == "latest":
-        latest, skipped = ckpt.find_latest(Path(cfg.work_dir) / "checkpoints")
+        checkpoints = Path(cfg.work_dir) / "checkpoints"
+        if checkpoints.is_dir():
+            ckpt.recover_interrupted(checkpoints)
+        latest, skipped = ckpt.find_latest(checkpoints)
         for path, reason in skipped:
             log.warning("skipping checkpoint %s: %s (left on disk)", path, reason)
         return latest

@@ -5,7 +5,7 @@ grad-scaler state, the python/numpy/torch(/cuda) RNG state and the training gene
 rank, every rank's data-sampler position, step and epoch, the resolved config, and the null
 embedding with its provenance. Nothing read back can execute code: safetensors for weights,
 ``torch.load(weights_only=True)`` or JSON for the rest. The directory mechanics (temp dir, fsync,
-manifest, rename) live in ``train/checkpoint.py``.
+manifest, rename) live in ``io/checkpoint.py``.
 
 Weights, EMA and optimizer state are always written full (unsharded) in the single-process
 layout, whether the run was one process, DDP or FSDP; an FSDP run gathers them first
@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sanakit import __version__
-from sanakit.artifacts import PROVENANCE
 from sanakit.data.sampler import ResumableSampler
 from sanakit.errors import CheckpointError
-from sanakit.text.null_embedding import EMBEDS, MASK, NullEmbedding
+from sanakit.io.artifacts import PROVENANCE
+from sanakit.models.text.null_embedding import EMBEDS, MASK, NullEmbedding
 from sanakit.train.parallel import (
     copy_full_,
     gather_full,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sanakit.artifacts import Artifact, get_or_build
 from sanakit.errors import CheckpointError
-from sanakit.text.base import TextEncoder
+from sanakit.io.artifacts import Artifact, get_or_build
+from sanakit.models.text.base import TextEncoder
 
 log = logging.getLogger("sanakit")
 

@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from sanakit import artifacts
-from sanakit.artifacts import Artifact, Invalid, Tensors, check_tensors, key_hash, load_valid
 from sanakit.config import Config
 from sanakit.errors import ArtifactError, ConfigError
-from sanakit.fsutil import check_writable, remove_stale_temp_files
+from sanakit.io import artifacts
+from sanakit.io.artifacts import Artifact, Invalid, Tensors, check_tensors, key_hash, load_valid
+from sanakit.io.atomic import check_writable, remove_stale_temp_files
 
 log = logging.getLogger("sanakit")
 
@@ -271,7 +271,7 @@ def _no_build() -> Tensors:  # entries are computed by the caches themselves, ne
 class TextEmbeddingCache(EntryCache):
     """Caption -> ``(embeds [L, D], mask [L])`` of one text encoder, on disk.
 
-    Misses are encoded one caption per call, exactly as :class:`sanakit.text.cache.CaptionEncoder`
+    Misses are encoded one caption per call, exactly as ``CaptionEncoder``
     does without a cache, so cached and fresh values are the same bits.
     """
 
@@ -487,8 +487,8 @@ class Section:
 
 
 def _open(cfg: Config, mode: str) -> tuple[TextEmbeddingCache, LatentCache, Any]:
-    from sanakit.autoencoder import build_autoencoder
-    from sanakit.text import build_text_encoder
+    from sanakit.models.autoencoder import build_autoencoder
+    from sanakit.models.text import build_text_encoder
     from sanakit.train.components import build_dataset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as training does

@@ -13,6 +13,7 @@ the metadata).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from sanakit import __version__
 from sanakit.errors import ArtifactError
-from sanakit.fsutil import atomic_write, check_writable
+from sanakit.io.atomic import atomic_write, check_writable
 
 log = logging.getLogger("sanakit")
 
@@ -61,8 +62,20 @@ class Loaded:
     path: Path | None = None
 
 
+class InvalidKind(enum.Enum):
+    """Why an artifact cannot be used: callers branch on this, never on the message."""
+
+    MISSING = "missing"
+    CORRUPT = "corrupt"  # unreadable, empty, wrong shape, NaN/Inf
+    STALE = "stale"  # readable, but keyed for other settings (or not keyed at all)
+
+
 class Invalid(Exception):
-    """An artifact file exists but cannot be used; the message is the reason."""
+    """An artifact file cannot be used; ``kind`` says why, the message says how."""
+
+    def __init__(self, reason: str, kind: InvalidKind = InvalidKind.CORRUPT) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 def _read(path: Path) -> tuple[Tensors, dict | None]:
@@ -109,7 +122,7 @@ def check_tensors(tensors: Tensors) -> str | None:
 def load_valid(artifact: Artifact) -> Loaded:
     """Load an existing artifact or raise Invalid with the reason it cannot be used."""
     if not artifact.path.exists():
-        raise Invalid("missing")
+        raise Invalid("missing", InvalidKind.MISSING)
     if artifact.path.stat().st_size == 0:
         raise Invalid("empty file")
     tensors, provenance = _read(artifact.path)
@@ -118,14 +131,14 @@ def load_valid(artifact: Artifact) -> Loaded:
         raise Invalid(reason)
     if provenance is None:
         if not artifact.accept_unkeyed:
-            raise Invalid("no provenance recorded")
+            raise Invalid("no provenance recorded", InvalidKind.STALE)
         return Loaded(tensors, {}, "loaded-unkeyed", artifact.path)
     if provenance.get("key_sha256") != key_hash(artifact.key):
         stored = provenance.get("key", {})
         diff = sorted(
             k for k in set(stored) | set(artifact.key) if stored.get(k) != artifact.key.get(k)
         )
-        raise Invalid(f"built for a different {', '.join(diff) or 'key'}")
+        raise Invalid(f"built for a different {', '.join(diff) or 'key'}", InvalidKind.STALE)
     return Loaded(tensors, provenance, "loaded", artifact.path)
 
 
@@ -145,7 +158,7 @@ def _load_or_build(artifact: Artifact) -> Loaded:
     try:
         return load_valid(artifact)
     except Invalid as bad:
-        if str(bad) != "missing":
+        if bad.kind is not InvalidKind.MISSING:
             log.warning("%s at %s is invalid: %s; rebuilding", artifact.what, artifact.path, bad)
             status = "rebuilt"
     tensors = artifact.build()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sanakit.errors import CheckpointError
-from sanakit.fsutil import (
+from sanakit.io.atomic import (
     claimed,
     free_bytes,
     fsync_dir,
@@ -202,7 +202,7 @@ def checkpoint_step(path: Path) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _candidates(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+def candidates(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     """Every canonical ``step_N`` directory, sorted by N (valid or not)."""
     d = Path(checkpoints_dir)
     if not d.is_dir():
@@ -224,7 +224,7 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     tell complete ones apart.
     """
     result: list[Path] = []
-    for step, path in _candidates(checkpoints_dir):
+    for step, path in candidates(checkpoints_dir):
         manifest, _ = _read_manifest(path)
         if manifest is not None and manifest["step"] != step:
             log.warning("ignoring checkpoint %s: its manifest says step %d", path, manifest["step"])
@@ -236,25 +236,17 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 def find_latest(checkpoints_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """Newest checkpoint that deep-verifies, and (path, reason) for every newer one skipped.
 
-    Deletes nothing. If a previous writer was killed in the middle of replacing a step (old copy
-    renamed aside, new one not yet in place), the verified old copy is renamed back first so
-    the newest state is not missed; if that rename is impossible (read-only mount) it is only
-    logged.
+    Read-only: it renames and deletes nothing (a writer calls :func:`recover_interrupted`
+    first) and logs nothing (the caller reports ``skipped`` once).
     """
     d = Path(checkpoints_dir)
     if not d.is_dir():
         return None, []
-    _restore_interrupted_replacements(d)
     skipped: list[tuple[Path, str]] = []
-    for _, path in reversed(_candidates(d)):
+    for _, path in reversed(candidates(d)):
         reason = verify_checkpoint(path, deep=True)
         if reason is None:
             return path, skipped
-        log.warning(
-            "skipping incomplete or corrupt checkpoint %s (%s); it is left on disk for inspection",
-            path,
-            reason,
-        )
         skipped.append((path, reason))
     return None, skipped
 
@@ -275,7 +267,17 @@ def _dot_dirs(d: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Pa
     return out
 
 
-def _restore_interrupted_replacements(d: Path) -> list[Path]:
+def interrupted_replacements(d: Path) -> list[tuple[int, Path]]:
+    """``(step, .step_N.old-*)`` copies left by a killed re-save whose ``step_N`` is missing."""
+    found = []
+    for m, old in _dot_dirs(Path(d), _OLD_RE):
+        step = int(m.group(1))
+        if not (Path(d) / step_dir_name(step)).exists() and not owner_alive(old, int(m.group(2))):
+            found.append((step, old))
+    return found
+
+
+def recover_interrupted(d: Path) -> list[Path]:
     """Rename a verified ``.step_N.old-*`` back to ``step_N`` when ``step_N`` is missing."""
     restored: list[Path] = []
     for m, old in _dot_dirs(d, _OLD_RE):
@@ -309,7 +311,7 @@ def clean_stale(checkpoints_dir: Path) -> list[Path]:
     """
     d = Path(checkpoints_dir)
     removed: list[Path] = []
-    _restore_interrupted_replacements(d)
+    recover_interrupted(d)
     for pattern, what in ((_TMP_RE, "unfinished checkpoint temp dir"), (_DELETING_RE, None)):
         for m, path in _dot_dirs(d, pattern):
             if owner_alive(path, int(m.group(2))):

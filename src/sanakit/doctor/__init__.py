@@ -25,7 +25,7 @@ from typing import Any
 
 from sanakit.config import Config, from_yaml_text, null_embed_root
 from sanakit.errors import SanakitError
-from sanakit.fsutil import check_writable, free_bytes
+from sanakit.io.atomic import check_writable, free_bytes
 
 log = logging.getLogger("sanakit")
 
@@ -95,7 +95,7 @@ class Probe:
 
     @property
     def text_encoder(self) -> Any:
-        from sanakit.text import build_text_encoder
+        from sanakit.models.text import build_text_encoder
 
         return self._get(
             "text_encoder", "the text encoder", lambda: build_text_encoder(self.cfg.text_encoder)
@@ -106,7 +106,7 @@ class Probe:
         def build() -> Any:
             import torch
 
-            from sanakit.autoencoder import build_autoencoder
+            from sanakit.models.autoencoder import build_autoencoder
 
             return build_autoencoder(self.cfg.vae, "cpu", torch.float32)
 
@@ -133,7 +133,7 @@ class Probe:
         def build() -> Any:
             import torch
 
-            from sanakit.model import build_transformer
+            from sanakit.models.transformer import build_transformer
 
             enc, ae = self.text_encoder, self.autoencoder
             with torch.device("meta"):
@@ -199,7 +199,7 @@ def _params(obj: Any) -> int:
 
 def find_resume(cfg: Config, deep: bool = True) -> Resume:
     """The checkpoint ``train`` would resume from, without the renames ``find_latest`` may do."""
-    from sanakit.train import checkpoint as ckpt
+    from sanakit.io import checkpoint as ckpt
 
     target = cfg.resume_from
     if target in ("", "none", "null", None):
@@ -209,7 +209,7 @@ def find_resume(cfg: Config, deep: bool = True) -> Resume:
         reason = ckpt.verify_checkpoint(path, deep=deep)
         return Resume(path if not reason else None, explicit=True, error=reason or "")
     d = Path(cfg.work_dir) / "checkpoints"
-    candidates = [(step, path, False) for step, path in ckpt._candidates(d)]
+    candidates = [(step, path, False) for step, path in ckpt.candidates(d)]
     # a re-save killed between its two renames leaves ``.step_N.old-*`` and no step_N; train
     # renames it back before choosing, so it is a candidate too
     for m, old in ckpt._dot_dirs(d, ckpt._OLD_RE):
@@ -481,7 +481,7 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
     n = sum(p.numel() for p in model.parameters())
     moments = 8 if t.optimizer == "adamw" else 4
     weights = n * (8 + moments + 4)
-    from sanakit.text.base import resolve_dtype
+    from sanakit.models.text.base import resolve_dtype
 
     enc = probe.text_encoder
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -542,8 +542,8 @@ def check_memory(cfg: Config, probe: Probe) -> Check:
 
 
 def check_null_embedding(cfg: Config, probe: Probe) -> Check:
-    from sanakit.artifacts import Invalid, load_valid
-    from sanakit.text.null_embedding import describe, null_embedding_artifact
+    from sanakit.io.artifacts import Invalid, load_valid
+    from sanakit.models.text.null_embedding import describe, null_embedding_artifact
 
     root = null_embed_root(cfg)
     work_dir = Path(cfg.work_dir).absolute()
@@ -604,7 +604,7 @@ def check_resume_target(cfg: Config, probe: Probe) -> Check:
                 "resume", WARN, f"no complete checkpoint{note}; the run starts fresh", inspect
             )
         return Check("resume", PASS, "no checkpoint yet: the run starts fresh")
-    from sanakit.train.checkpoint import checkpoint_step
+    from sanakit.io.checkpoint import checkpoint_step
 
     verb = "will restore and resume from" if r.restores else "will resume from"
     msg = f"{verb} {r.path} (step {checkpoint_step(r.path)}, {how}){note}"
@@ -647,7 +647,7 @@ def check_checkpoint_model(cfg: Config, probe: Probe) -> Check:
 
 
 def check_null_embed_provenance(cfg: Config, probe: Probe) -> Check:
-    from sanakit.text.null_embedding import IDENTITY, encoder_identity
+    from sanakit.models.text.null_embedding import IDENTITY, encoder_identity
     from sanakit.train.state import TRAINER_FILE
 
     r = probe.resume

@@ -6,7 +6,7 @@ is fsynced, renamed over the target with :func:`os.replace` (atomic on POSIX), a
 parent directory is fsynced so the rename itself survives a power cut.
 
 Test-only hook: if the environment variable ``SANAKIT_TEST_SLOW_WRITE`` is set to a float number
-of seconds, :func:`atomic_write` and the checkpoint writer (:mod:`sanakit.train.checkpoint`) sleep
+of seconds, :func:`atomic_write` and the checkpoint writer (:mod:`sanakit.io.checkpoint`) sleep
 that long after writing each file and before fsyncing/renaming it. Kill tests use it to land a
 ``SIGKILL`` in the middle of a write. It must never be set in real runs.
 """

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sanakit.text.base import PretrainedTextEncoder
+from sanakit.models.text.base import PretrainedTextEncoder
 
 
 class T5Encoder(PretrainedTextEncoder):

@@ -3,7 +3,7 @@
 The text encoder is deterministic for a fixed config, so a caption seen before is never encoded
 again, and each caption is encoded alone: its embedding must not depend on which other captions
 shared its batch, or a resumed run would drift in the last bits. Training passes a
-:class:`sanakit.caches.TextEmbeddingCache` (content-keyed files through the artifact store);
+``TextEmbeddingCache`` (content-keyed files through the artifact store);
 sampling uses the memo alone. Caption dropout happens after this, at step time.
 """
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from sanakit.errors import ConfigError
-from sanakit.text.base import TextEncoder, instruction_hash
+from sanakit.models.text.base import TextEncoder, instruction_hash
 
 __all__ = [
     "ENCODER_TYPES",
@@ -78,13 +78,13 @@ def build_text_encoder(cfg: Any, device: torch.device | str = "cpu") -> TextEnco
         )
 
     if kind == "minilm":
-        from sanakit.text.minilm import MiniLMEncoder
+        from sanakit.models.text.minilm import MiniLMEncoder
 
         return MiniLMEncoder(
             name_or_path or None, max_length=max_length, device=device, dtype=dtype
         )
     if kind == "gemma-2":
-        from sanakit.text.gemma import GemmaEncoder
+        from sanakit.models.text.gemma import GemmaEncoder
 
         return GemmaEncoder(
             name_or_path,
@@ -93,6 +93,6 @@ def build_text_encoder(cfg: Any, device: torch.device | str = "cpu") -> TextEnco
             device=device,
             dtype=dtype,
         )
-    from sanakit.text.t5 import T5Encoder
+    from sanakit.models.text.t5 import T5Encoder
 
     return T5Encoder(name_or_path, max_length=max_length, device=device, dtype=dtype)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sanakit.errors import ModelLoadError
-from sanakit.text.base import PretrainedTextEncoder
+from sanakit.models.text.base import PretrainedTextEncoder
 
 
 def packaged_minilm_path() -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sanakit.errors import ConfigError
-from sanakit.text.base import PretrainedTextEncoder
+from sanakit.models.text.base import PretrainedTextEncoder
 
 
 class GemmaEncoder(PretrainedTextEncoder):
