@@ -103,7 +103,7 @@ def cmd_train(args: list[str]) -> int:
     preflight(cfg)
     from sanakit.train.loop import train
 
-    train(cfg, preflight_done=True)
+    train(cfg)
     return 0
 
 
