@@ -18,8 +18,10 @@ from sanakit.cli import main as cli_main
 from sanakit.config import load_config
 from sanakit.data.formats import load_image
 from sanakit.data.shapes import render
-from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache, flush_writes
 from sanakit.embeddings.captions import CaptionEncoder
+from sanakit.embeddings.latents import LatentCache
+from sanakit.embeddings.text import TextEmbeddingCache
+from sanakit.embeddings.writer import flush_writes
 from sanakit.io import artifacts
 from sanakit.models.autoencoder import build_autoencoder
 from sanakit.models.text.minilm import MiniLMEncoder

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from sanakit.config import Config, null_embed_root, to_yaml
 from sanakit.data.sampler import ResumableSampler
-from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache
 from sanakit.embeddings.captions import CaptionEncoder
+from sanakit.embeddings.latents import LatentCache
+from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.errors import CheckpointError, SanakitError
 from sanakit.flow import drop_captions, flow_matching_loss, loss_by_sigma_bin, sample_sigmas
 from sanakit.io import checkpoint as ckpt
