@@ -285,13 +285,15 @@ def cmd_cache(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(CACHE_USAGE)
         return 0
+    from sanakit.cache_command import open_caches
     from sanakit.config import load_config
-    from sanakit.embeddings.caches import build_caches, cache_root, format_verify, verify_caches
+    from sanakit.embeddings.commands import build_caches, format_verify, verify_caches
+    from sanakit.embeddings.store import cache_root
 
     config, overrides = split_config_args(rest)
     cfg = load_config(config, overrides)
     if action == "build":
-        r = build_caches(cfg)
+        r = build_caches(open_caches(cfg, "readwrite"))
         text, latents = r["text"], r["latents"]
         print(f"cache {r['root']}: {r['samples']} samples ({r['unreadable']} unreadable)")
         print(
@@ -308,7 +310,7 @@ def cmd_cache(args: list[str]) -> int:
             )
         print(f"done in {r['seconds']:.1f}s")
         return 0
-    sections, unreadable = verify_caches(cfg)
+    sections, unreadable = verify_caches(open_caches(cfg, "read"))
     print(format_verify(sections, unreadable, cache_root(cfg)))
     return 1 if any(s.problems() for s in sections) else 0
 

@@ -14,8 +14,9 @@ from sanakit.config import Config, to_yaml
 from sanakit.data.buckets import assign_buckets, bucket_table
 from sanakit.data.formats import build_dataset as build_format_dataset
 from sanakit.data.sampler import ResumableSampler
-from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache
 from sanakit.embeddings.captions import CaptionEncoder
+from sanakit.embeddings.latents import LatentCache
+from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.errors import ConfigError
 from sanakit.models.autoencoder import build_autoencoder
 from sanakit.models.text import build_text_encoder
