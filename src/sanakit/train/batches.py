@@ -77,7 +77,9 @@ class EpochBatches:
     def __iter__(self) -> Iterator[MicroBatch]:
         sampler, image_size = self.sampler, self.cfg.model.image_size
         set_epoch(self.dataset, sampler.epoch)  # random flips are seeded by (seed, epoch, index)
-        sizes = [(len(g), target_size(self.dataset, g[0], image_size)) for g in sampler]
+        sizes = [
+            (len(g), target_size(self.dataset, g[0], image_size)) for g in sampler.global_batches()
+        ]
         loader = iter(
             DataLoader(
                 self.dataset,
