@@ -167,7 +167,7 @@ def train(cfg: Config, preflight_done: bool = False) -> Path:
         barrier=accelerator.wait_for_everyone,
     )
     captions = CaptionEncoder(
-        models.text_encoder, cfg, store=TextEmbeddingCache.from_config(cfg, models.text_encoder)
+        models.text_encoder, store=TextEmbeddingCache.from_config(cfg, models.text_encoder)
     )
     latent_cache = LatentCache.from_config(cfg, models.autoencoder)
     factor = models.autoencoder.downsample_factor
