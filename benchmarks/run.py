@@ -170,7 +170,7 @@ class BareLoop:
         dataset = build_dataset(cfg.data, cfg.model.image_size, cfg.seed)
         items = [dataset[i] for i in range(self.batch)]
         self.x0 = models.autoencoder.encode(torch.stack([it["pixels"] for it in items]))
-        captions = CaptionEncoder(models.text_encoder, cfg)
+        captions = CaptionEncoder(models.text_encoder)
         self.embeds, self.mask = captions.encode([it["caption"] for it in items])
         self.shape = latent_shape(cfg, models.autoencoder)
         self.optimizer = torch.optim.AdamW(

@@ -186,7 +186,7 @@ def build_parts(
     text = models.text_encoder
     encoders = Encoders(
         LatentCache.from_config(cfg, models.autoencoder),
-        CaptionEncoder(text, cfg, store=TextEmbeddingCache.from_config(cfg, text)),
+        CaptionEncoder(text, store=TextEmbeddingCache.from_config(cfg, text)),
     )
     dataset, buckets = build_dataset(cfg, models.autoencoder.downsample_factor)
     bs = cfg.train.train_batch_size
