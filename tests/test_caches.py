@@ -16,7 +16,7 @@ from PIL import Image
 import sanakit.models.tiny as hm
 from sanakit.cli import main as cli_main
 from sanakit.config import load_config
-from sanakit.data.formats import load_image
+from sanakit.data.images import load_image
 from sanakit.data.shapes import render
 from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache, flush_writes
 from sanakit.embeddings.captions import CaptionEncoder

@@ -487,9 +487,9 @@ class Section:
 
 
 def _open(cfg: Config, mode: str) -> tuple[TextEmbeddingCache, LatentCache, Any]:
+    from sanakit.data.dataset import build_dataset
     from sanakit.models.autoencoder import build_autoencoder
     from sanakit.models.text import build_text_encoder
-    from sanakit.train.components import build_dataset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as training does
     encoder = build_text_encoder(cfg.text_encoder, device)

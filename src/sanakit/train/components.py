@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
 
 from sanakit.config import Config
 from sanakit.errors import ConfigError
@@ -30,45 +29,6 @@ def accelerate_precision(cfg: Config, device_type: str) -> str:
     if mp == "bf16" or (mp == "auto" and device_type == "cuda"):
         return "bf16"
     return "no"
-
-
-def build_dataset(cfg: Config, factor: int = 1) -> tuple[Dataset, list[str] | None]:
-    """The training dataset and, with ``model.multi_scale``, each sample's bucket key.
-
-    Buckets are assigned on the full dataset (it resizes each image to its bucket) before an
-    optional ``data.max_samples`` cap; ``factor`` is the autoencoder's downsampling factor, so
-    bucket sides stay multiples of factor x patch size.
-    """
-    from sanakit.data.formats import build_dataset as build_format_dataset
-
-    dataset = build_format_dataset(cfg.data, cfg.model.image_size, cfg.seed)
-    groups = None
-    if cfg.model.multi_scale:
-        from sanakit.data.buckets import assign_buckets, bucket_table
-
-        table = bucket_table(cfg.model.image_size, multiple=max(32, factor * cfg.model.patch_size))
-        groups = assign_buckets(dataset, table)
-    if cfg.data.max_samples and cfg.data.max_samples < len(dataset):
-        skips = getattr(dataset, "skips", None)
-        full = dataset
-        dataset = Subset(full, range(cfg.data.max_samples))
-        dataset.skips = skips  # type: ignore[attr-defined]
-        dataset.target_size_for = getattr(full, "target_size_for", None)  # type: ignore[attr-defined]
-        groups = groups[: cfg.data.max_samples] if groups else None
-    return dataset, groups
-
-
-def set_epoch(dataset: Dataset, epoch: int) -> None:
-    """Tell the dataset (or the one under a Subset) which epoch it serves."""
-    inner = getattr(dataset, "dataset", dataset)
-    if hasattr(inner, "set_epoch"):
-        inner.set_epoch(epoch)
-
-
-def target_size(dataset: Dataset, index: int, default: int) -> tuple[int, int]:
-    """The (height, width) a sample is resized to: its bucket's, or the square default."""
-    sized = getattr(dataset, "target_size_for", None)
-    return tuple(sized(index)) if callable(sized) else (default, default)  # type: ignore[return-value]
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -25,6 +25,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from sanakit.config import Config, null_embed_root, to_yaml
+from sanakit.data.dataset import build_dataset, collate, set_epoch, target_size
 from sanakit.data.sampler import ResumableSampler
 from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache
 from sanakit.embeddings.captions import CaptionEncoder
@@ -39,14 +40,11 @@ from sanakit.train import parallel
 from sanakit.train.components import (
     accelerate_precision,
     autocast_dtype,
-    build_dataset,
     build_lr_scheduler,
     build_models,
     build_optimizer,
     estimate_checkpoint_bytes,
     latent_shape,
-    set_epoch,
-    target_size,
 )
 from sanakit.train.state import EMA, TrainState, read_trainer_state
 
@@ -418,19 +416,6 @@ def agree_to_stop(accelerator: Accelerator, mine: bool) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def collate_samples(items: list[dict | None]) -> dict | None:
-    """Stack the readable samples; remember which positions survived (for noise alignment)."""
-    kept = [i for i, item in enumerate(items) if item is not None]
-    if not kept:
-        return None
-    return {
-        "pixels": torch.stack([items[i]["pixels"] for i in kept]),
-        "captions": [items[i]["caption"] for i in kept],
-        "kept": kept,
-        "num_bad": len(items) - len(kept),
-    }
-
-
 def make_loader(dataset, sampler: ResumableSampler, cfg: Config):
     """Batches for the rest of this epoch, with each rank's positions in the global batch."""
     from torch.utils.data import DataLoader
@@ -449,7 +434,7 @@ def make_loader(dataset, sampler: ResumableSampler, cfg: Config):
     loader = DataLoader(
         dataset,
         batch_sampler=_Batches(),
-        collate_fn=collate_samples,
+        collate_fn=collate,
         num_workers=cfg.data.num_workers,
         persistent_workers=False,
     )
