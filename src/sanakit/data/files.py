@@ -60,7 +60,9 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(f"{os.fspath(path)} is not a regular file")
-        return os.fdopen(fd, "rb")
+        f = os.fdopen(fd, "rb")
+        f.raw.name = os.fspath(path)  # error messages name the file, not the descriptor
+        return f
     except BaseException:
         os.close(fd)
         raise
