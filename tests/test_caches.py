@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import sanakit.models.tiny as hm
 from sanakit.cli import main as cli_main
 from sanakit.config import load_config
-from sanakit.data.formats import load_image
+from sanakit.data.images import load_image
 from sanakit.data.shapes import render
 from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.embeddings.commands import Section, format_verify

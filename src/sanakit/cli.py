@@ -285,9 +285,8 @@ def cmd_cache(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(CACHE_USAGE)
         return 0
-    from sanakit.cache_command import open_caches
     from sanakit.config import load_config
-    from sanakit.embeddings.commands import build_caches, format_verify, verify_caches
+    from sanakit.embeddings.commands import build_caches, format_verify, open_caches, verify_caches
     from sanakit.embeddings.store import cache_root
 
     config, overrides = split_config_args(rest)

@@ -1,7 +1,8 @@
 """`sanakit cache build|verify`: fill or check every entry a run's dataset needs.
 
-Both take already-built parts (``CacheParts``): this layer sits below ``train/``, so whoever
-turns a config into encoders and a dataset (the CLI) builds them and passes them in.
+Both take the parts (``CacheParts``) that :func:`open_caches` builds from a run's config: the
+encoders and the dataset exactly as training builds them (same buckets, same
+``data.max_samples`` cap), so the entries are the ones training will look up.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from sanakit.config import Config
+from sanakit.data.dataset import build_dataset
 from sanakit.embeddings.latents import LatentCache, pixel_variants
-from sanakit.embeddings.store import PROBLEMS, EntryStatus, Inspection
+from sanakit.embeddings.store import PROBLEMS, EntryStatus, Inspection, cache_root
 from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.embeddings.writer import flush_writes
 from sanakit.errors import ArtifactError
 from sanakit.io.atomic import remove_stale_temp_files
+from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.text import build_text_encoder
 
 _SHOW = 5  # paths listed per problem kind by verify
 
@@ -220,3 +226,18 @@ def format_verify(sections: list[Section], unreadable: int, root: Path) -> str:
         f"same config"
     )
     return "\n".join(lines)
+
+
+def open_caches(cfg: Config, mode: str) -> CacheParts:
+    """The run's text and latent caches in ``mode`` (readwrite to build, read to verify)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as training does
+    encoder = build_text_encoder(cfg.text_encoder, device)
+    autoencoder = build_autoencoder(cfg.vae, device, torch.float32)
+    dataset, _ = build_dataset(cfg, autoencoder.downsample_factor)  # buckets resize as training
+    root = cache_root(cfg)
+    return CacheParts(
+        text=TextEmbeddingCache(root, encoder, mode),
+        latents=LatentCache(root, autoencoder, mode),
+        dataset=dataset,
+        num_workers=cfg.data.num_workers,
+    )

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from sanakit.config import Config
+from sanakit.data.dataset import collate, set_epoch, target_size
 from sanakit.data.sampler import ResumableSampler
 from sanakit.flow import sample_sigmas
-from sanakit.train.components import Parts, collate_samples, set_epoch, target_size
+from sanakit.train.components import Parts
 from sanakit.train.timers import Timers
 
 
@@ -84,7 +85,7 @@ class EpochBatches:
             DataLoader(
                 self.dataset,
                 batch_sampler=sampler,  # yields this rank's share of each global batch
-                collate_fn=collate_samples,
+                collate_fn=collate,
                 num_workers=self.cfg.data.num_workers,
             )
         )

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from sanakit.config import Config, to_yaml
-from sanakit.data.buckets import assign_buckets, bucket_table
-from sanakit.data.formats import build_dataset as build_format_dataset
+from sanakit.data.dataset import build_dataset
 from sanakit.data.sampler import ResumableSampler
 from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.embeddings.latents import LatentCache
@@ -39,54 +38,6 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 def accelerate_precision(cfg: Config, device_type: str) -> str:
     """The same policy in accelerate's words."""
     return "bf16" if autocast_dtype(cfg, torch.device(device_type)) == torch.bfloat16 else "no"
-
-
-def build_dataset(cfg: Config, factor: int = 1) -> tuple[Dataset, list[str] | None]:
-    """The training dataset and, with ``model.multi_scale``, each sample's bucket key.
-
-    Buckets are assigned on the full dataset (it resizes each image to its bucket) before an
-    optional ``data.max_samples`` cap; ``factor`` is the autoencoder's downsampling factor, so
-    bucket sides stay multiples of factor x patch size.
-    """
-    dataset = build_format_dataset(cfg.data, cfg.model.image_size, cfg.seed)
-    groups = None
-    if cfg.model.multi_scale:
-        table = bucket_table(cfg.model.image_size, multiple=max(32, factor * cfg.model.patch_size))
-        groups = assign_buckets(dataset, table)
-    if cfg.data.max_samples and cfg.data.max_samples < len(dataset):
-        skips = getattr(dataset, "skips", None)
-        full = dataset
-        dataset = Subset(full, range(cfg.data.max_samples))
-        dataset.skips = skips  # type: ignore[attr-defined]
-        dataset.target_size_for = getattr(full, "target_size_for", None)  # type: ignore[attr-defined]
-        groups = groups[: cfg.data.max_samples] if groups else None
-    return dataset, groups
-
-
-def collate_samples(items: list[dict | None]) -> dict | None:
-    """Stack the readable samples; remember which positions survived (for noise alignment)."""
-    kept = [i for i, item in enumerate(items) if item is not None]
-    if not kept:
-        return None
-    return {
-        "pixels": torch.stack([items[i]["pixels"] for i in kept]),
-        "captions": [items[i]["caption"] for i in kept],
-        "kept": kept,
-        "num_bad": len(items) - len(kept),
-    }
-
-
-def set_epoch(dataset: Dataset, epoch: int) -> None:
-    """Tell the dataset (or the one under a Subset) which epoch it serves."""
-    inner = getattr(dataset, "dataset", dataset)
-    if hasattr(inner, "set_epoch"):
-        inner.set_epoch(epoch)
-
-
-def target_size(dataset: Dataset, index: int, default: int) -> tuple[int, int]:
-    """The (height, width) a sample is resized to: its bucket's, or the square default."""
-    sized = getattr(dataset, "target_size_for", None)
-    return tuple(sized(index)) if callable(sized) else (default, default)  # type: ignore[return-value]
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
