@@ -32,6 +32,8 @@ from sanakit.errors import CheckpointError, SanakitError
 from sanakit.flow import drop_captions, flow_matching_loss, loss_by_sigma_bin, sample_sigmas
 from sanakit.io import checkpoint as ckpt
 from sanakit.io.atomic import atomic_write_text
+from sanakit.io.ownership import own
+from sanakit.io.run_dir import is_fresh_start, prepare_fresh_start
 from sanakit.models.text.null_embedding import check_matches_checkpoint, obtain_null_embedding
 from sanakit.models.transformer import load_weights
 from sanakit.sampling import sample_latents, to_uint8_grid
@@ -141,9 +143,21 @@ def train(cfg: Config, preflight_done: bool = False) -> Path:
     """
     from sanakit.doctor import preflight
 
-    work_dir = Path(cfg.work_dir)
     if not preflight_done:
         preflight(cfg)  # cheap checks before any model is loaded; raises on a FAIL
+    # the job owns its work dir (rank 0 for every rank) before it writes anything into it
+    with own(Path(cfg.work_dir), "sanakit train", hint=BUSY_HINT) as owner:
+        if owner is not None and is_fresh_start(cfg.resume_from):
+            prepare_fresh_start(Path(cfg.work_dir), cfg.train.overwrite_run)
+        return run_training(cfg)
+
+
+BUSY_HINT = "wait for that run to finish or stop it, or use another --work_dir"
+
+
+def run_training(cfg: Config) -> Path:
+    """The training job itself, in a work dir this job owns."""
+    work_dir = Path(cfg.work_dir)
     accelerator = setup_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
