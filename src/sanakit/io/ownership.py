@@ -3,7 +3,8 @@
 A training run owns its work dir, an export its destination, a cache build its cache dir. The
 lock is an OS lock on an open file, so the OS drops it the instant the process dies (``kill -9``
 included): a stale lock cannot exist. The lock file's content is only the record of who took
-it (pid, host, command, start time); whether it is held is always asked of the OS.
+it (pid, host, command, start time), emptied again when the job ends; whether the lock is held
+is always asked of the OS, never read from the record (a killed job's record stays behind).
 
 The processes of one launch (torchrun, accelerate: ``RANK``) are one owner: global rank 0 takes
 the lock for all of them. If rank 0 is refused it exits, and the launcher ends the other ranks.
@@ -184,11 +185,13 @@ def _hold(path: Path, what: str, subject: str, hint: str, remove: bool) -> Itera
             ) from None
         yield me
     finally:
-        if remove:  # unlinked while still held, so no one can lock the old file after us
-            try:
+        try:
+            if remove:  # unlinked while still held, so no one can lock the old file after us
                 path.unlink()
-            except OSError:
-                pass
+            else:  # emptied: a job refused after taking the dir leaves its bytes as they were
+                os.ftruncate(fd, 0)
+        except OSError:
+            pass
         os.close(fd)  # closing the only descriptor releases the lock
 
 
@@ -206,7 +209,7 @@ def own(
     """Own ``directory`` (created if missing) for the ``with`` block, or raise WorkDirBusy.
 
     Yields this job's Owner record, or None in a follower rank (rank 0 owns for it). The lock
-    file stays behind as the record of the last owner.
+    file stays behind, empty.
     """
     if is_follower_rank():
         yield None
