@@ -35,6 +35,7 @@ from sanakit.io.ownership import (
     lock_owner,
     own,
     own_destination,
+    remove_stale_lock,
 )
 from sanakit.io.run_dir import PREVIOUS_RUNS, RunExists, prepare_fresh_start
 
@@ -98,6 +99,27 @@ def test_kill_9_of_the_owner_leaves_no_stale_lock(tmp_path):
     assert current_owner(work) is None
     with own(work, "sanakit train") as me:
         assert me.pid == os.getpid()
+
+
+def test_a_killed_exports_lock_file_is_removed_by_the_next_one_only_when_free(tmp_path):
+    out = tmp_path / "out"
+    lock = destination_lock_file(out)
+    code = (
+        "import sys, time\nfrom sanakit.io.ownership import own_destination\n"
+        f"with own_destination({str(out)!r}, 'sanakit export'):\n    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), stderr=subprocess.PIPE)
+    try:
+        wait_for_owner(proc, lock, timeout=60)
+        assert not remove_stale_lock(lock) and lock_owner(lock).pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+    assert lock.exists() and lock_owner(lock) is None  # kill -9: the file stays, unlocked
+    assert remove_stale_lock(lock) and not lock.exists()
+    with own_destination(out, "sanakit export"):
+        assert lock.exists()
+    assert not lock.exists()  # a finished export leaves no lock file
 
 
 def test_follower_ranks_share_rank_0s_ownership(tmp_path, monkeypatch):

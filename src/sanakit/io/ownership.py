@@ -239,6 +239,27 @@ def own_destination(out: Path, what: str, hint: str = "") -> Iterator[Owner | No
         yield me
 
 
+def remove_stale_lock(path: Path) -> bool:
+    """Remove the lock file ``path`` if no one holds it (a killed job's); True if removed.
+
+    It is locked while being unlinked, as a releasing owner does, so a job opening it meanwhile
+    notices (its file is no longer at ``path``) and starts over with a new one.
+    """
+    try:
+        fd = _open(Path(path), create=False)
+    except OSError:
+        return False
+    try:
+        if not (_try_lock(fd, fcntl.LOCK_EX) and _same_file(fd, Path(path))):
+            return False
+        Path(path).unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def lock_owner(path: Path) -> Owner | None:
     """Who holds the lock file ``path`` right now, or None (read-only; creates nothing)."""
     try:
