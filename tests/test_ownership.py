@@ -101,6 +101,23 @@ def test_kill_9_of_the_owner_leaves_no_stale_lock(tmp_path):
         assert me.pid == os.getpid()
 
 
+def test_a_forked_child_does_not_keep_a_killed_owners_lock(tmp_path):
+    work = tmp_path / "w"
+    code = (
+        "import os, sys, time\nfrom sanakit.io.ownership import own\n"
+        f"with own({str(work)!r}, 'sanakit train'):\n"
+        "    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), stderr=subprocess.PIPE)
+    try:
+        wait_for_owner(proc, work / LOCK_NAME, timeout=60)
+    finally:
+        proc.kill()  # the forked child (a DataLoader worker, say) lives on
+        proc.wait()
+    assert current_owner(work) is None
+
+
 def test_a_killed_exports_lock_file_is_removed_by_the_next_one_only_when_free(tmp_path):
     out = tmp_path / "out"
     lock = destination_lock_file(out)

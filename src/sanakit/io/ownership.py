@@ -38,6 +38,23 @@ RETRY_SECONDS = 1.0
 _RECORD_LIMIT = 64 * 1024
 
 
+# lock fds held by this process; a forked child (a DataLoader worker) closes its copies, or it
+# would keep the lock alive after its parent was killed
+_HELD: set[int] = set()
+
+
+def _close_inherited() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)  # only this copy: the parent's lock stays (flock(2))
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
 class OwnershipError(SanakitError):
     """A directory's lock file cannot be opened or locked."""
 
@@ -176,6 +193,7 @@ def _hold(path: Path, what: str, subject: str, hint: str, remove: bool) -> Itera
     if fd is None:
         yield UNKNOWN_OWNER
         return
+    _HELD.add(fd)
     try:
         try:
             me = _write_record(fd, what)
@@ -192,6 +210,7 @@ def _hold(path: Path, what: str, subject: str, hint: str, remove: bool) -> Itera
                 os.ftruncate(fd, 0)
         except OSError:
             pass
+        _HELD.discard(fd)
         os.close(fd)  # closing the only descriptor releases the lock
 
 
