@@ -106,7 +106,7 @@ def test_a_forked_child_does_not_keep_a_killed_owners_lock(tmp_path):
     code = (
         "import os, sys, time\nfrom sanakit.io.ownership import own\n"
         f"with own({str(work)!r}, 'sanakit train'):\n"
-        "    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    if os.fork() == 0:\n        time.sleep(20)\n        os._exit(0)\n"
         "    time.sleep(600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), stderr=subprocess.PIPE)
