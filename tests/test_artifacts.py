@@ -164,4 +164,11 @@ def test_there_is_one_way_to_get_a_null_embedding():
     call = loop.index("obtain_null_embedding(")
     # obtained unconditionally, before the loop, never inside a visualize/debug branch
     before = loop[:call].split("\n")[-1]
-    assert before.startswith("    null = ")
+    assert before.startswith("        null = ")
+    # the only block around it is the work-dir ownership that wraps the whole run
+    body = loop[loop.index("def train(") : call].split("\n")
+    blocks = [ln.strip() for ln in body if ln.startswith("    ") and ln.rstrip().endswith(":")]
+    assert [b for b in blocks if not b.startswith('"""')] == [
+        'with own(Path(cfg.work_dir), "sanakit train", hint=BUSY_HINT) as owner:',
+        "if owner is not None and is_fresh_start(cfg.resume_from):",
+    ]

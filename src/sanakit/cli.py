@@ -247,14 +247,16 @@ def cmd_export(args: list[str]) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     from sanakit.export import export_checkpoint
+    from sanakit.io.ownership import own_destination
 
     # weight-loading/saving progress bars would bury the one-line notices
     transformers.utils.logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
 
-    result = export_checkpoint(
-        opts.checkpoint, opts.out_dir, ema=opts.ema, overwrite=opts.overwrite
-    )
+    with own_destination(Path(opts.out_dir), "sanakit export"):  # one export per OUT_DIR
+        result = export_checkpoint(
+            opts.checkpoint, opts.out_dir, ema=opts.ema, overwrite=opts.overwrite
+        )
     if not result.pipeline_runnable:
         print(
             f"note: SanaPipeline cannot run this model ({result.not_runnable_because}); exported "
@@ -288,11 +290,13 @@ def cmd_cache(args: list[str]) -> int:
     from sanakit.config import load_config
     from sanakit.embeddings.commands import build_caches, format_verify, open_caches, verify_caches
     from sanakit.embeddings.store import cache_root
+    from sanakit.io.ownership import own
 
     config, overrides = split_config_args(rest)
     cfg = load_config(config, overrides)
     if action == "build":
-        r = build_caches(open_caches(cfg, "readwrite"))
+        with own(cache_root(cfg), "sanakit cache build", subject="cache dir"):
+            r = build_caches(open_caches(cfg, "readwrite"))
         text, latents = r["text"], r["latents"]
         print(f"cache {r['root']}: {r['samples']} samples ({r['unreadable']} unreadable)")
         print(

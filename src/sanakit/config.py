@@ -101,6 +101,7 @@ class TrainConfig:
     cache_dir: str = ""  # "" = {work_dir}/cache (text embeddings and latents)
     dry_run: bool = False
     fsdp: bool = False  # with >1 process: shard params/grads/AdamW/EMA (FSDP2) instead of DDP
+    overwrite_run: bool = False  # resume_from=none over checkpoints: move the old run aside
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from sanakit.errors import SanakitError
+from sanakit.io.ownership import destination_lock_file, remove_stale_lock
 
 log = logging.getLogger("sanakit")
 
@@ -75,6 +76,7 @@ def _remove_stale_siblings(out_dir: Path) -> None:
     """Delete temp folders of earlier exports to ``out_dir`` whose process is gone (kill -9)."""
     from sanakit.io.atomic import owner_alive
 
+    remove_stale_lock(destination_lock_file(out_dir))  # a killed export's (the CLI's lock)
     prefix = f".{out_dir.name}."
     if not out_dir.parent.is_dir():
         return

@@ -19,6 +19,8 @@ from accelerate import Accelerator
 
 from sanakit.config import Config, null_embed_root, to_yaml
 from sanakit.io.atomic import atomic_write_text
+from sanakit.io.ownership import own
+from sanakit.io.run_dir import is_fresh_start, prepare_fresh_start
 from sanakit.models.text.null_embedding import check_matches_checkpoint, obtain_null_embedding
 from sanakit.train.batches import EpochBatches
 from sanakit.train.components import accelerate_precision, build_models, build_parts
@@ -28,6 +30,7 @@ from sanakit.train.state import TrainState, read_trainer_state
 from sanakit.train.step import Stepper
 
 log = logging.getLogger("sanakit")
+BUSY_HINT = "wait for that run to finish or stop it, or use another --work_dir"
 
 
 @dataclass
@@ -45,64 +48,68 @@ def train(cfg: Config) -> RunResult:
 
     The CLI runs ``doctor.preflight`` first, before any model is loaded.
     """
-    accelerator = setup_accelerator(cfg)
-    open_work_dir(cfg, accelerator)
-    resume_dir = resolve_resume(cfg)
-    models = build_models(cfg, accelerator.device)
-    # the null embedding is obtained here, whatever the options: never a side effect (Sana #216)
-    null = obtain_null_embedding(
-        models.text_encoder,
-        null_embed_root(cfg),
-        is_builder=accelerator.is_local_main_process,
-        barrier=accelerator.wait_for_everyone,
-    )
-    parts = build_parts(cfg, accelerator, models, null, resuming=resume_dir is not None)
-    state = parts.state
-    if resume_dir is not None:
-        continue_from(resume_dir, state, cfg)
-    # FSDP sharded the model in place; otherwise accelerate wraps it (DDP with >1 process)
-    wrapped, optimizer = (
-        (state.model, state.optimizer)
-        if parts.sharded
-        else accelerator.prepare(state.model, state.optimizer)
-    )
-    state.grad_scaler = accelerator.scaler
+    # the job owns its work dir (rank 0 for every rank) before it writes anything into it
+    with own(Path(cfg.work_dir), "sanakit train", hint=BUSY_HINT) as owner:
+        if owner is not None and is_fresh_start(cfg.resume_from):
+            prepare_fresh_start(Path(cfg.work_dir), cfg.train.overwrite_run)
+        accelerator = setup_accelerator(cfg)
+        open_work_dir(cfg, accelerator)
+        resume_dir = resolve_resume(cfg)
+        models = build_models(cfg, accelerator.device)
+        # the null embedding is obtained here, whatever the options: never a side effect (Sana #216)
+        null = obtain_null_embedding(
+            models.text_encoder,
+            null_embed_root(cfg),
+            is_builder=accelerator.is_local_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
+        parts = build_parts(cfg, accelerator, models, null, resuming=resume_dir is not None)
+        state = parts.state
+        if resume_dir is not None:
+            continue_from(resume_dir, state, cfg)
+        # FSDP sharded the model in place; otherwise accelerate wraps it (DDP with >1 process)
+        wrapped, optimizer = (
+            (state.model, state.optimizer)
+            if parts.sharded
+            else accelerator.prepare(state.model, state.optimizer)
+        )
+        state.grad_scaler = accelerator.scaler
 
-    metrics = Metrics(cfg, accelerator, state)
-    stepper = Stepper(
-        cfg, accelerator, state, wrapped, optimizer, parts.encoders, metrics.timers,
-        keep_per_sigma=metrics.writer is not None,
-    )  # fmt: skip
-    validation = Validation(cfg, accelerator, parts, parts.sharded, metrics.writer)
-    checkpointer = Checkpointer(cfg, accelerator, state.step if resume_dir else -1)
-    finished = state.step >= cfg.train.max_steps
-    with StopPolicy(cfg, accelerator) as stop:
-        while not (finished or stop.now):
-            epoch = EpochBatches(cfg, parts, accelerator.device, metrics.timers)
-            for micro in epoch:
-                outcome = stepper.add(micro)
-                if outcome is None:  # accumulating gradients over micro-batches
-                    continue
-                metrics.record(outcome)
-                validation.maybe_run(state)
-                stop.check()  # a signal or the wall-clock budget, agreed by every rank
-                finished = state.step >= cfg.train.max_steps
-                if checkpointer.due(state.step, ending=finished or stop.now):
-                    metrics.flush()
-                    checkpointer.save(state)
-                if finished or stop.now:
-                    break
-            else:  # the epoch ran out
-                metrics.end_epoch(state.epoch, epoch.bad, skipped_at_index(parts.dataset))
-                state.sampler.start_next_epoch()
-                finished = state.epoch >= cfg.train.num_epochs
-                if finished and checkpointer.last_saved != state.step:
-                    metrics.flush()
-                    checkpointer.save(state)
-    metrics.close()
-    accelerator.wait_for_everyone()
-    stopped_by = (stop.reason or "another rank") if stop.now else ""
-    return finish(accelerator, state, checkpointer, resume_dir, stopped_by)
+        metrics = Metrics(cfg, accelerator, state)
+        stepper = Stepper(
+            cfg, accelerator, state, wrapped, optimizer, parts.encoders, metrics.timers,
+            keep_per_sigma=metrics.writer is not None,
+        )  # fmt: skip
+        validation = Validation(cfg, accelerator, parts, parts.sharded, metrics.writer)
+        checkpointer = Checkpointer(cfg, accelerator, state.step if resume_dir else -1)
+        finished = state.step >= cfg.train.max_steps
+        with StopPolicy(cfg, accelerator) as stop:
+            while not (finished or stop.now):
+                epoch = EpochBatches(cfg, parts, accelerator.device, metrics.timers)
+                for micro in epoch:
+                    outcome = stepper.add(micro)
+                    if outcome is None:  # accumulating gradients over micro-batches
+                        continue
+                    metrics.record(outcome)
+                    validation.maybe_run(state)
+                    stop.check()  # a signal or the wall-clock budget, agreed by every rank
+                    finished = state.step >= cfg.train.max_steps
+                    if checkpointer.due(state.step, ending=finished or stop.now):
+                        metrics.flush()
+                        checkpointer.save(state)
+                    if finished or stop.now:
+                        break
+                else:  # the epoch ran out
+                    metrics.end_epoch(state.epoch, epoch.bad, skipped_at_index(parts.dataset))
+                    state.sampler.start_next_epoch()
+                    finished = state.epoch >= cfg.train.num_epochs
+                    if finished and checkpointer.last_saved != state.step:
+                        metrics.flush()
+                        checkpointer.save(state)
+        metrics.close()
+        accelerator.wait_for_everyone()
+        stopped_by = (stop.reason or "another rank") if stop.now else ""
+        return finish(accelerator, state, checkpointer, resume_dir, stopped_by)
 
 
 def setup_accelerator(cfg: Config) -> Accelerator:
