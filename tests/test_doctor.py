@@ -29,6 +29,7 @@ LINE = re.compile(r"^(PASS|WARN|FAIL) [a-z_]+: \S.*$")
 ALL_CHECKS = [
     "config",
     "work_dir",
+    "cache",
     "data",
     "text_encoder",
     "autoencoder",
@@ -271,9 +272,10 @@ def test_train_preflight_prints_doctor_lines_and_refuses_on_a_fail(work: Path, c
     out = capsys.readouterr().out.splitlines()
     assert out == [c.line() for c in checks] and all(LINE.match(ln) for ln in out)
     assert [c.name for c in checks] == [
-        "work_dir", "null_embed_root", "data", "resume", "checkpoint_model", "distributed",
+        "work_dir", "null_embed_root", "cache", "data", "resume", "checkpoint_model",
+        "distributed",
     ]  # fmt: skip
-    assert "sizes checked" in out[3]  # the preflight never hashes a multi-GB checkpoint
+    assert "sizes checked" in out[4]  # the preflight never hashes a multi-GB checkpoint
     # the same failure doctor reports stops train before any model loads, as one error line
     done = run_sanakit("train", f"--work_dir={work}", *TINY, "--model.num_layers=2")
     assert done.returncode == 2

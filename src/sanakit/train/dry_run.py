@@ -167,7 +167,7 @@ def run_dry_run(cfg: Config, root: Path) -> DryRunResult:
 
 
 def format_report(result: DryRunResult, total: float) -> str:
-    from sanakit.doctor import human_bytes
+    from sanakit.doctor.check import human_bytes
 
     device = "cpu" if result.exact else "cuda"
     lines = [
