@@ -66,9 +66,7 @@ CASES = [
     Case("cache-dir-is-a-file", ["--train.cache_dir={afile}"], "{afile}"),
     Case("default-cache-is-a-file", [], "{wd}/cache", lambda wd: make_file(wd / "cache")),
     Case("null-embed-root-under-a-file", ["--train.null_embed_root={afile}/n"], "{afile}/n"),
-    Case(
-        "checkpoints-is-a-file", [], "{wd}/checkpoints", lambda wd: make_file(wd / "checkpoints")
-    ),
+    Case("checkpoints-is-a-file", [], "{wd}/checkpoints", lambda wd: make_file(wd / "checkpoints")),
     Case(
         "vis-is-a-file",
         ["--train.visualize=true"],
@@ -82,9 +80,7 @@ CASES = [
         lambda wd: make_file(wd / "logs"),
     ),
     Case("train-log-is-a-dir", [], "{wd}/train.log", lambda wd: make_dir(wd / "train.log")),
-    Case(
-        "metrics-is-a-dir", [], "{wd}/metrics.jsonl", lambda wd: make_dir(wd / "metrics.jsonl")
-    ),
+    Case("metrics-is-a-dir", [], "{wd}/metrics.jsonl", lambda wd: make_dir(wd / "metrics.jsonl")),
     Case("config-yaml-is-a-dir", [], "{wd}/config.yaml", lambda wd: make_dir(wd / "config.yaml")),
 ]
 
