@@ -58,6 +58,8 @@ def writable_without_trace(directory: Path) -> str | None:
     while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
         created.append(probe)
         probe = probe.parent
+    if probe.exists() and not probe.is_dir():  # name the file in the way, not a failed mkdir
+        return f"{probe} exists but is not a directory"
     reason = check_writable(directory)
     for d in created:  # deepest first
         try:

@@ -74,7 +74,7 @@ def check_work_dir(cfg: Config, probe: Probe) -> Check:
             "work_dir",
             FAIL,
             f"work_dir={work_dir}: {reason}",
-            "move that path out of the way (train creates it) or choose another --work_dir",
+            "move that path aside (train writes its own files there) or choose another --work_dir",
         )
     state = "exists" if work_dir.is_dir() else "can be created"
     return Check("work_dir", PASS, f"{work_dir} {state} and is writable")
