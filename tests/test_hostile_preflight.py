@@ -24,6 +24,8 @@ from conftest import TINY, run_sanakit, the_error_line
 # rejected run differs from an accepted one only by the bad path
 RUN = [*TINY, "--train.max_steps=2", "--train.save_model_steps=2"]
 
+pytestmark = pytest.mark.slow  # every case runs the CLI in a subprocess
+
 
 def tree(root: Path) -> dict[str, str]:
     """Every path below ``root`` (and root itself): sha256 of a file, else its kind."""
