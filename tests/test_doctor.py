@@ -13,6 +13,8 @@ import logging
 import math
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,13 +24,16 @@ from conftest import CKPT, TINY, cli_env, run_sanakit
 from sanakit.cli import main
 from sanakit.config import load_config
 from sanakit.doctor import preflight
+from sanakit.errors import CheckpointError
 from sanakit.io.atomic import free_bytes
 from sanakit.train.dry_run import DryRunResult, format_report
+from sanakit.train.resume import find_resume, resolve_resume
 
 LINE = re.compile(r"^(PASS|WARN|FAIL) [a-z_]+: \S.*$")
 ALL_CHECKS = [
     "config",
     "work_dir",
+    "cache",
     "data",
     "text_encoder",
     "autoencoder",
@@ -271,15 +276,47 @@ def test_train_preflight_prints_doctor_lines_and_refuses_on_a_fail(work: Path, c
     out = capsys.readouterr().out.splitlines()
     assert out == [c.line() for c in checks] and all(LINE.match(ln) for ln in out)
     assert [c.name for c in checks] == [
-        "work_dir", "null_embed_root", "data", "resume", "checkpoint_model", "distributed",
+        "work_dir", "null_embed_root", "cache", "data", "resume", "checkpoint_model",
+        "distributed",
     ]  # fmt: skip
-    assert "sizes checked" in out[3]  # the preflight never hashes a multi-GB checkpoint
+    assert "sizes checked" in out[4]  # the preflight never hashes a multi-GB checkpoint
     # the same failure doctor reports stops train before any model loads, as one error line
     done = run_sanakit("train", f"--work_dir={work}", *TINY, "--model.num_layers=2")
     assert done.returncode == 2
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: FAIL checkpoint_model: ")
     assert "model.num_layers: checkpoint 1, now 2" in errors[0]
+
+
+# ---- the one resume resolver (doctor reads, train recovers) --------------------------------------
+
+
+def test_one_resume_resolver_doctor_reads_train_recovers(work: Path, caplog) -> None:
+    d = work / "checkpoints"
+    ck = d / "step_00000002"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    # a re-save killed between its two renames: only the old copy of step 2 is left
+    old = d / f".step_00000002.old-{int(gone.stdout)}-0badc0de"
+    ck.rename(old)
+    torn = d / "step_00000004"  # and a newer checkpoint that does not verify
+    shutil.copytree(old, torn)
+    cfg = load_config(None, [f"--work_dir={work}", *TINY])
+    before = snapshot(work)
+    found = find_resume(cfg)
+    assert found.path == old and found.restores and not found.explicit
+    assert [p for p, _ in found.skipped] == [torn] and "step 2" in found.skipped[0][1]
+    assert snapshot(work) == before and old.is_dir()  # read-only
+    with caplog.at_level(logging.WARNING, logger="sanakit"):
+        assert resolve_resume(cfg) == ck  # the trainer renames the old copy back first
+    assert not old.exists() and ck.is_dir()
+    skips = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert skips == [f"skipping checkpoint {torn}: {found.skipped[0][1]} (left on disk)"]
+    missing = work / "no_such_checkpoint"
+    bad = load_config(None, [f"--work_dir={work}", *TINY, f"--resume_from={missing}"])
+    assert find_resume(bad).explicit and find_resume(bad).error
+    with pytest.raises(CheckpointError, match=f"resume_from={missing} is not a usable checkpoint"):
+        resolve_resume(bad)
 
 
 # ---- the dry run --------------------------------------------------------------------------------
