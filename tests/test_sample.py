@@ -37,6 +37,7 @@ def sample(work, out, *extra):
     return out
 
 
+@pytest.mark.slow
 def test_same_seed_same_png_bytes_other_seed_differs(trained, tmp_path):
     a = sample(trained, tmp_path / "a.png", "--seed=7").read_bytes()
     b = sample(trained, tmp_path / "b.png", "--seed=7").read_bytes()
@@ -47,6 +48,7 @@ def test_same_seed_same_png_bytes_other_seed_differs(trained, tmp_path):
     assert grid.shape == (2 * 16 + 2, 3 * 16 + 2 * 2, 3)
 
 
+@pytest.mark.slow
 def test_euler_sampler_and_ema_weights_give_other_images(trained, tmp_path):
     base = sample(trained, tmp_path / "base.png").read_bytes()
     euler = sample(trained, tmp_path / "euler.png", "--sampler=flow_euler").read_bytes()
@@ -54,6 +56,7 @@ def test_euler_sampler_and_ema_weights_give_other_images(trained, tmp_path):
     assert len({base, euler, ema}) == 3
 
 
+@pytest.mark.slow
 def test_eval_writes_a_report(trained, tmp_path):
     out = tmp_path / "eval.json"
     result = run_sanakit(
