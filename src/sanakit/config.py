@@ -250,7 +250,7 @@ def _bools_to_choices(data: dict, prefix: str = "") -> dict:
     """YAML 1.1 reads a bare `off` / `no` as false: map it back to the choice spelled so."""
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and dotted in schema_types():  # unknown: the merge names it
             _bools_to_choices(value, dotted + ".")
         elif isinstance(value, bool) and (kind := _choices(dotted)) is not None:
             spelled = [m for m in kind if yaml.safe_load(m.value) is value]
@@ -269,6 +269,8 @@ def _merge_mapping(data: Any, where: str) -> DictConfig:
         return OmegaConf.merge(schema, _bools_to_choices(data))  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise _explain(err, where) from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply for a sanakit config") from None
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
