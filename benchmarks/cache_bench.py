@@ -76,7 +76,7 @@ class SplitCollector(logging.Handler):
 
 def run_epoch(label: str, work: Path, common: list[str], mode: str) -> dict:
     from sanakit.config import load_config
-    from sanakit.embeddings.caches import flush_writes
+    from sanakit.embeddings.writer import flush_writes
     from sanakit.train.loop import train
 
     cfg = load_config(None, [f"--work_dir={work}", f"--train.cache_mode={mode}", *common])

@@ -158,7 +158,7 @@ class BareLoop:
     """Plain fwd/bwd/AdamW on tensors already in memory: the same model, batch, loss, optimizer."""
 
     def __init__(self, work_dir: Path) -> None:
-        from sanakit.data.formats import build_dataset
+        from sanakit.data.dataset import index_dataset
         from sanakit.embeddings.captions import CaptionEncoder
         from sanakit.train.components import build_models, latent_shape
 
@@ -167,10 +167,10 @@ class BareLoop:
         models = build_models(cfg, torch.device("cpu"))
         self.model = models.transformer.train()
         self.batch = cfg.train.train_batch_size
-        dataset = build_dataset(cfg.data, cfg.model.image_size, cfg.seed)
+        dataset = index_dataset(cfg.data, cfg.model.image_size, cfg.seed)
         items = [dataset[i] for i in range(self.batch)]
         self.x0 = models.autoencoder.encode(torch.stack([it["pixels"] for it in items]))
-        captions = CaptionEncoder(models.text_encoder, cfg)
+        captions = CaptionEncoder(models.text_encoder)
         self.embeds, self.mask = captions.encode([it["caption"] for it in items])
         self.shape = latent_shape(cfg, models.autoencoder)
         self.optimizer = torch.optim.AdamW(

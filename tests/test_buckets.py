@@ -15,7 +15,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 from PIL import Image
 
 from sanakit.data.buckets import assign_bucket, assign_buckets, bucket_table
-from sanakit.data.formats import build_dataset, collate
+from sanakit.data.dataset import collate, index_dataset
 from sanakit.data.sampler import ResumableSampler
 from sanakit.errors import ConfigError
 
@@ -109,7 +109,7 @@ def test_from_dataset_resizes_each_index_to_its_bucket(tmp_path: Path) -> None:
         (tmp_path / f"{i}.png").write_bytes(png(w, h))
         (tmp_path / f"{i}.txt").write_text(f"image {i}")
     cfg = SimpleNamespace(type="image_folder", data_dir=[str(tmp_path)], random_flip=False)
-    ds = build_dataset(cfg, 64, seed=0)
+    ds = index_dataset(cfg, 64, seed=0)
     table = bucket_table(64)
     keys = assign_buckets(ds, table)
     assert ds.target_size_for(1) == (32, 128) and ds.target_size_for(0) == (64, 64)
@@ -119,9 +119,9 @@ def test_from_dataset_resizes_each_index_to_its_bucket(tmp_path: Path) -> None:
     for batch in loader:
         h, w = batch["pixels"].shape[-2:]
         assert all(
-            ds.target_size_for(int(i.split(":")[1].split(".")[0])) == (h, w) for i in batch["id"]
+            ds.target_size_for(int(i.split(":")[1].split(".")[0])) == (h, w) for i in batch["ids"]
         )
-        seen += batch["id"]
+        seen += batch["ids"]
     assert len(seen) == len(set(seen)) == len(sizes) - sampler.dropped_per_epoch
 
     class NoSizes(torch.utils.data.Dataset):

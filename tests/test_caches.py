@@ -12,14 +12,19 @@ import pytest
 import torch
 from conftest import FAST, losses, run_sanakit
 from PIL import Image
+from safetensors.torch import save_file
 
 import sanakit.models.tiny as hm
 from sanakit.cli import main as cli_main
 from sanakit.config import load_config
-from sanakit.data.formats import load_image
+from sanakit.data.images import load_image
 from sanakit.data.shapes import render
-from sanakit.embeddings.caches import LatentCache, TextEmbeddingCache, flush_writes
 from sanakit.embeddings.captions import CaptionEncoder
+from sanakit.embeddings.commands import Section, format_verify
+from sanakit.embeddings.latents import LatentCache
+from sanakit.embeddings.store import EntryStatus
+from sanakit.embeddings.text import TextEmbeddingCache
+from sanakit.embeddings.writer import flush_writes
 from sanakit.io import artifacts
 from sanakit.models.autoencoder import build_autoencoder
 from sanakit.models.text.minilm import MiniLMEncoder
@@ -273,6 +278,35 @@ def test_read_mode_never_writes_and_off_mode_never_reads(tmp_path, minilm, caplo
     counted = Counting(minilm)
     CaptionEncoder(counted, store=None).encode(CAPTIONS)
     assert counted.calls == 3
+
+
+def test_entry_status_is_a_type_from_the_store_kind_not_its_words(tmp_path, minilm):
+    """missing / corrupt / stale come from ``Invalid.kind``; reports print the same words."""
+    cache = TextEmbeddingCache(tmp_path, minilm, "read")
+    caption = "a red circle"
+    section = Section("text embeddings")
+    found = cache.inspect_caption(caption)
+    assert found.status is EntryStatus.MISSING
+    section.record(found, "caption")
+    CaptionEncoder(minilm, store=TextEmbeddingCache(tmp_path, minilm)).encode([caption])
+    flush_writes()
+    assert cache.inspect_caption(caption).status is EntryStatus.VALID
+    path = cache.path_for(caption)
+    tensors, _ = artifacts._read(path)
+    save_file(tensors, str(path))  # the same tensors, written without a provenance key
+    found = cache.inspect_caption(caption)
+    assert found.status is EntryStatus.STALE and found.reason == "no provenance recorded"
+    section.record(found, "caption")
+    path.write_bytes(b"")
+    found = cache.inspect_caption(caption)
+    assert found.status is EntryStatus.CORRUPT
+    section.record(found, "caption")
+    assert section.counts == {s: 1 for s in (EntryStatus.MISSING, EntryStatus.STALE, found.status)}
+    assert section.problems() == 3
+    report = format_verify([section], 0, tmp_path)
+    assert "3 needed, 0 valid, 1 missing, 1 corrupt, 1 stale" in report
+    assert f"stale: {path} (caption): no provenance recorded" in report
+    assert f"corrupt: {path} (caption): empty file" in report
 
 
 # ----------------------------------------------------------------------------- CLI and training

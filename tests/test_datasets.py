@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import sys
 import tarfile
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sanakit.data.formats import (
+from sanakit.data import dataset as dataset_module
+from sanakit.data.dataset import (
     CaptionedImageDataset,
     SkipCounter,
-    build_dataset,
     collate,
+    index_dataset,
 )
 from sanakit.errors import DataError
 
@@ -94,7 +93,7 @@ def sana_root(tmp_path: Path) -> Path:
 
 
 def test_sana_img(sana_root: Path) -> None:
-    ds = build_dataset(cfg("sana_img", sana_root), SIZE, seed=0)
+    ds = index_dataset(cfg("sana_img", sana_root), SIZE, seed=0)
     assert isinstance(ds, CaptionedImageDataset) and len(ds) == 4
     check_samples(ds, {"0:a.jpg": "a red thing", "0:b": "b caption", "0:sub/c.webp": "c caption"})
     assert ds[3] is None  # the corrupt file is dropped at load time, not raised
@@ -113,7 +112,7 @@ def test_sana_img(sana_root: Path) -> None:
 
 def test_sana_img_missing_meta(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="meta_data.json"):
-        build_dataset(cfg("sana_img", tmp_path), SIZE, seed=0)
+        index_dataset(cfg("sana_img", tmp_path), SIZE, seed=0)
 
 
 # ----------------------------------------------------------------------------- image_folder
@@ -140,7 +139,7 @@ def test_image_folder_multi_root(tmp_path: Path) -> None:
     write(tmp_path / "secret.png", image_bytes())
     (r1 / "link.png").symlink_to(tmp_path / "secret.png")  # resolves outside its root
     write(r1 / "link.txt", "escapes")
-    ds = build_dataset(cfg("image_folder", r0, r1), SIZE, seed=0)
+    ds = index_dataset(cfg("image_folder", r0, r1), SIZE, seed=0)
     check_samples(
         ds, {"0:a.jpg": "a caption", "0:deep/er/b.PNG": "b json", "1:a.webp": "other root"}
     )
@@ -155,7 +154,7 @@ def test_image_folder_multi_root(tmp_path: Path) -> None:
 def test_image_folder_caption_key(tmp_path: Path) -> None:
     write(tmp_path / "a.png", image_bytes())
     write(tmp_path / "a.json", json.dumps({"prompt": "via key", "caption": "not this"}))
-    ds = build_dataset(cfg("image_folder", tmp_path, caption_key="prompt"), SIZE, seed=0)
+    ds = index_dataset(cfg("image_folder", tmp_path, caption_key="prompt"), SIZE, seed=0)
     assert ds[0]["caption"] == "via key"
 
 
@@ -190,7 +189,7 @@ def test_hf_imagefolder(tmp_path: Path) -> None:
     write(r1 / "nested" / "y.png", image_bytes())
     write(r1 / "nested" / "metadata.jsonl", jsonl([{"file_name": "y.png", "text": "nested y"}]))
     write(r1 / "metadata.jsonl", jsonl([{"file_name": "x.png", "text": "x"}, "{not json", "[1]"]))
-    ds = build_dataset(cfg("hf_imagefolder", r0, r1), SIZE, seed=0)
+    ds = index_dataset(cfg("hf_imagefolder", r0, r1), SIZE, seed=0)
     assert len(ds) == 5
     check_samples(
         ds,
@@ -210,8 +209,8 @@ def test_hf_imagefolder_caption_column(tmp_path: Path) -> None:
     write(tmp_path / "a.png", image_bytes())
     write(tmp_path / "metadata.jsonl", jsonl([{"file_name": "a.png", "prompt": "p"}]))
     with pytest.raises(DataError, match="caption_key"):
-        build_dataset(cfg("hf_imagefolder", tmp_path), SIZE, seed=0)
-    ds = build_dataset(cfg("hf_imagefolder", tmp_path, caption_key="prompt"), SIZE, seed=0)
+        index_dataset(cfg("hf_imagefolder", tmp_path), SIZE, seed=0)
+    ds = index_dataset(cfg("hf_imagefolder", tmp_path, caption_key="prompt"), SIZE, seed=0)
     assert ds[0]["caption"] == "p"
 
 
@@ -245,7 +244,7 @@ def test_webdataset(tmp_path: Path) -> None:
         add_member(tar, "k2.json", b'{"caption": 5}')
         add_member(tar, "README", b"no extension: not a sample")
     write(root / "junk.tar", b"this is not a tar archive at all" * 40)
-    ds = build_dataset(cfg("webdataset", root), SIZE, seed=0)
+    ds = index_dataset(cfg("webdataset", root), SIZE, seed=0)
     assert len(ds) == 4
     check_samples(
         ds,
@@ -265,7 +264,7 @@ def test_webdataset(tmp_path: Path) -> None:
     }
     assert ds.image_sizes()[1] == (30, 10)
     # A single shard file works as a root too.
-    one = build_dataset(cfg("webdataset", root / "shard-001.tar"), SIZE, seed=0)
+    one = index_dataset(cfg("webdataset", root / "shard-001.tar"), SIZE, seed=0)
     assert [r.id for r in one.records] == ["0:shard-001.tar/k0"]
 
 
@@ -276,15 +275,15 @@ def test_resize_crop_and_flip_determinism(tmp_path: Path) -> None:
     for i in range(6):
         write(tmp_path / f"{i}.png", image_bytes(40, 20, split=True))
         write(tmp_path / f"{i}.txt", f"caption {i}")
-    ds = build_dataset(cfg("image_folder", tmp_path, flip=True), SIZE, seed=3)
-    plain = build_dataset(cfg("image_folder", tmp_path), SIZE, seed=3)
+    ds = index_dataset(cfg("image_folder", tmp_path, flip=True), SIZE, seed=3)
+    plain = index_dataset(cfg("image_folder", tmp_path), SIZE, seed=3)
     # 40x20 -> shorter side 16 -> 32x16 -> center crop: left half red, right half blue.
     px = plain[0]["pixels"]
     assert px[0, :, :7].min() > 0.9 and px[2, :, :7].max() < -0.9
     assert px[2, :, 9:].min() > 0.9 and px[0, :, 9:].max() < -0.9
 
     def flips(seed: int, epoch: int) -> list[bool]:
-        d = build_dataset(cfg("image_folder", tmp_path, flip=True), SIZE, seed=seed)
+        d = index_dataset(cfg("image_folder", tmp_path, flip=True), SIZE, seed=seed)
         d.set_epoch(epoch)
         return [d.flip_for(i) for i in range(len(d))]
 
@@ -308,7 +307,8 @@ def test_collate_drops_bad_samples() -> None:
     b = {"pixels": torch.ones(3, 4, 4), "caption": "b", "id": "0:b"}
     out = collate([a, None, b, None])
     assert out["pixels"].shape == (2, 3, 4, 4)
-    assert out["caption"] == ["a", "b"] and out["id"] == ["0:a", "0:b"] and out["num_bad"] == 2
+    assert out["captions"] == ["a", "b"] and out["ids"] == ["0:a", "0:b"] and out["num_bad"] == 2
+    assert out["kept"] == [0, 2]
     assert collate([a])["num_bad"] == 0
     assert collate([None, None]) is None
 
@@ -325,20 +325,20 @@ def test_skip_counter_summary() -> None:
 
 def test_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        build_dataset(cfg("image_folder", tmp_path / "missing"), SIZE, seed=0)
+        index_dataset(cfg("image_folder", tmp_path / "missing"), SIZE, seed=0)
     with pytest.raises(DataError, match="unknown data.type"):
-        build_dataset(cfg("parquet", tmp_path), SIZE, seed=0)
+        index_dataset(cfg("parquet", tmp_path), SIZE, seed=0)
     with pytest.raises(DataError, match="data_dir"):
-        build_dataset(cfg("image_folder"), SIZE, seed=0)
+        index_dataset(cfg("image_folder"), SIZE, seed=0)
     write(tmp_path / "a.png", b"")
     write(tmp_path / "a.txt", "zero-byte image")
     write(tmp_path / "b.png", image_bytes())
     for kind in ("image_folder", "webdataset"):
         with pytest.raises(DataError, match="no usable samples") as info:
-            build_dataset(cfg(kind, tmp_path), SIZE, seed=0)
+            index_dataset(cfg(kind, tmp_path), SIZE, seed=0)
         assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(DataError, match="skipped 2 samples: 1 empty image file, 1 missing caption"):
-        build_dataset(cfg("image_folder", tmp_path), SIZE, seed=0)
+        index_dataset(cfg("image_folder", tmp_path), SIZE, seed=0)
 
 
 def test_shapes_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,8 +348,6 @@ def test_shapes_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
         def __init__(self, image_size: int, seed: int) -> None:
             seen.update(image_size=image_size, seed=seed)
 
-    fake = types.ModuleType("sanakit.data.shapes")
-    fake.ShapesDataset = FakeShapes
-    monkeypatch.setitem(sys.modules, "sanakit.data.shapes", fake)
-    ds = build_dataset(SimpleNamespace(type="shapes", data_dir=[]), 24, seed=5)
+    monkeypatch.setattr(dataset_module, "ShapesDataset", FakeShapes)
+    ds = index_dataset(SimpleNamespace(type="shapes", data_dir=[]), 24, seed=5)
     assert isinstance(ds, FakeShapes) and seen == {"image_size": 24, "seed": 5}

@@ -26,13 +26,13 @@ from transformers import (
 )
 
 from sanakit.errors import ConfigError, ModelLoadError
+from sanakit.models import fingerprint
 from sanakit.models.text import (
     SANA_COMPLEX_HUMAN_INSTRUCTION,
     TextEncoder,
     build_text_encoder,
     instruction_hash,
 )
-from sanakit.models.text import base as text_base
 from sanakit.models.text.gemma import GemmaEncoder
 from sanakit.models.text.t5 import T5Encoder
 
@@ -323,7 +323,7 @@ def test_large_weight_files_are_sampled(
     model, tok = gemma_parts
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    monkeypatch.setattr(text_base, "_FULL_HASH_LIMIT", 1024)  # sample everything above 1 KiB
+    monkeypatch.setattr(fingerprint, "FULL_HASH_LIMIT", 1024)  # sample everything above 1 KiB
     fp = GemmaEncoder(tmp_path, max_length=16).fingerprint()
     weights = tmp_path / "model.safetensors"
     state = load_file(weights)

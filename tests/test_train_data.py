@@ -49,8 +49,9 @@ def test_buckets_train_skip_bad_data_and_resume_exactly(mixed_folder, tmp_path):
     first = run_sanakit("train", f"--work_dir={full}", *args, "--train.max_steps=14")
     assert first.returncode == 0, first.stderr[-3000:]
     # the empty caption is skipped at index time; the corrupt image when it is loaded
-    assert "empty caption" in first.stderr
-    assert "unreadable" in first.stderr or "skipped" in first.stderr
+    assert "data.type=image_folder: skipped 1 sample: 1 empty caption" in first.stderr
+    assert "dropping unreadable image 0:broken.png" in first.stderr
+    assert "epoch 0: skipped 1 unreadable samples" in first.stderr  # the epoch's summary
     for k in (5,):
         stop = run_sanakit("train", f"--work_dir={part}", *args, f"--train.max_steps={k}")
         assert stop.returncode == 0, stop.stderr[-3000:]

@@ -124,7 +124,7 @@ def cmd_train(args: list[str]) -> int:
     preflight(cfg)
     from sanakit.train.loop import train
 
-    train(cfg, preflight_done=True)
+    train(cfg)
     return 0
 
 
@@ -360,12 +360,13 @@ def cmd_cache(args: list[str]) -> int:
         print(CACHE_USAGE)
         return 0
     from sanakit.config import load_config
-    from sanakit.embeddings.caches import build_caches, cache_root, format_verify, verify_caches
+    from sanakit.embeddings.commands import build_caches, format_verify, open_caches, verify_caches
+    from sanakit.embeddings.store import cache_root
 
     config, overrides = split_config_args(rest)
     cfg = load_config(config, overrides)
     if action == "build":
-        r = build_caches(cfg)
+        r = build_caches(open_caches(cfg, "readwrite"))
         text, latents = r["text"], r["latents"]
         print(f"cache {r['root']}: {r['samples']} samples ({r['unreadable']} unreadable)")
         print(
@@ -382,7 +383,7 @@ def cmd_cache(args: list[str]) -> int:
             )
         print(f"done in {r['seconds']:.1f}s")
         return 0
-    sections, unreadable = verify_caches(cfg)
+    sections, unreadable = verify_caches(open_caches(cfg, "read"))
     print(format_verify(sections, unreadable, cache_root(cfg)))
     return 1 if any(s.problems() for s in sections) else 0
 

@@ -113,7 +113,7 @@ def load_for_inference(
     )
     null = null.to(device, models.text_encoder.dtype)
     log.info("loaded %s weights from %s", "EMA" if ema else "model", path)
-    return Inference(cfg, path, models, null, CaptionEncoder(models.text_encoder, cfg), device)
+    return Inference(cfg, path, models, null, CaptionEncoder(models.text_encoder), device)
 
 
 def check_request(num_prompts: int, per_prompt: int, image_size: int | None = None) -> None:

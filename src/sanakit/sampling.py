@@ -7,6 +7,8 @@ diffusers' SanaPipeline), so the same weights, noise and scheduler give the same
 from __future__ import annotations
 
 import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from sanakit.errors import ConfigError
 
@@ -18,8 +20,6 @@ SAMPLERS = ("flow_dpm_solver", "flow_euler")
 
 def make_scheduler(sampler: str, flow_shift: float):
     """A fresh diffusers scheduler for one sampling run (they are stateful)."""
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
     if sampler == "flow_dpm_solver":
         # Sana's released scheduler config: DPM-Solver++ (2M) on flow sigmas.
         return DPMSolverMultistepScheduler(
@@ -64,8 +64,6 @@ def sample_latents(
     scheduler = make_scheduler(sampler, flow_shift)
     scheduler.set_timesteps(steps, device=device)
     if noise is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
         noise = randn_tensor((batch, *latent_shape), generator=generator, device=device)
     latents = noise.to(device=device, dtype=torch.float32)
 

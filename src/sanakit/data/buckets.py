@@ -26,7 +26,7 @@ BucketTable = dict[str, tuple[int, int]]
 
 def _sana_tables() -> dict[int, Mapping[str, Sequence[float]]]:
     """Sana's ratio tables by base size, imported from diffusers (never retyped here)."""
-    from diffusers.pipelines.sana import pipeline_sana as sana
+    from diffusers.pipelines.sana import pipeline_sana as sana  # heavy; only multi_scale needs it
 
     tables = {512: sana.ASPECT_RATIO_512_BIN, 1024: sana.ASPECT_RATIO_1024_BIN}
     # Larger tables exist in newer diffusers releases; use them when present.

@@ -94,9 +94,6 @@ class ResumableSampler:
         so prefetching workers never move the saved position)."""
         self.batches_done = min(self.batches_done + 1, len(self))
 
-    def epoch_finished(self) -> bool:
-        return self.batches_done >= len(self)
-
     def start_next_epoch(self) -> None:
         self.epoch += 1
         self.batches_done = 0

@@ -121,7 +121,7 @@ class Probe:
         """
         from dataclasses import replace
 
-        from sanakit.train.components import build_dataset
+        from sanakit.data.dataset import build_dataset
 
         flat = replace(self.cfg, model=replace(self.cfg.model, multi_scale=False))
         return self._get("dataset", "the dataset", lambda: build_dataset(flat)[0])
@@ -301,13 +301,13 @@ def check_data(cfg: Config, probe: Probe) -> Check:
             )
         for root in cfg.data.data_dir:
             if not _looks_populated(cfg.data.type, Path(root).expanduser()):
-                from sanakit.data.formats import _HINTS
+                from sanakit.data.formats import FORMAT_HINTS
 
                 return Check(
                     "data",
                     FAIL,
                     f"data root {root} holds no {cfg.data.type} samples (data.data_dir)",
-                    _HINTS.get(cfg.data.type, "fix --data.data_dir"),
+                    FORMAT_HINTS.get(cfg.data.type, "fix --data.data_dir"),
                 )
         return Check("data", PASS, f"{len(cfg.data.data_dir)} data root(s) exist")
     return check_data_full(cfg, probe)
@@ -319,7 +319,7 @@ def _looks_populated(kind: str, root: Path) -> bool:
     Cheap enough for the preflight: an empty or wrong folder fails before models load (and
     before train writes anything); a full index with caption checks is the doctor's job.
     """
-    from sanakit.data.formats import _HF_METADATA_NAMES, IMAGE_EXTENSIONS
+    from sanakit.data.formats import HF_METADATA_NAMES, IMAGE_EXTENSIONS
 
     if kind == "sana_img":
         return (root / "meta_data.json").is_file()
@@ -327,7 +327,7 @@ def _looks_populated(kind: str, root: Path) -> bool:
         return root.suffix == ".tar"
     wanted: Callable[[str], bool] = {
         "image_folder": lambda name: name.lower().endswith(IMAGE_EXTENSIONS),
-        "hf_imagefolder": lambda name: name in _HF_METADATA_NAMES,
+        "hf_imagefolder": lambda name: name in HF_METADATA_NAMES,
         "webdataset": lambda name: name.endswith(".tar"),
     }.get(kind, lambda name: True)
     for _dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -361,7 +361,7 @@ def check_data_full(cfg: Config, probe: Probe) -> Check:
     k = min(DECODE_SAMPLE, n)
     picks = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
     bad = []
-    with _quiet("sanakit.data.formats"):
+    with _quiet("sanakit.data.dataset"):
         for i in picks:
             if dataset[i] is None:
                 rec = getattr(inner, "records", None)

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from sanakit.config import Config
-
 _MEMO_BYTES = 512 * 1024 * 1024  # a 300-token Gemma embedding is ~1.4 MB: bound bytes too
 
 
@@ -25,7 +23,6 @@ class CaptionEncoder:
     def __init__(
         self,
         encoder: Any,
-        cfg: Config | None = None,
         capacity: int = 4096,
         store: Any = None,
         max_bytes: int = _MEMO_BYTES,

@@ -18,20 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderDC, AutoencoderKL
 from torch import Tensor
 
-from sanakit.errors import ModelLoadError
+from sanakit.errors import ModelLoadError, SanakitError
+from sanakit.models.dtypes import as_dtype, dtype_name
+from sanakit.models.fingerprint import combine, hash_state_dict, hash_weight_files, stable_config
+from sanakit.models.hub import (
+    ModelRole,
+    component_dir,
+    first_line,
+    read_model_config,
+    require_safetensors,
+    resolve_model_dir,
+)
 
-# kind -> diffusers class name; the class itself is imported lazily (diffusers is slow to load).
-_CLASSES: dict[str, str] = {"dc-ae": "AutoencoderDC", "sd-vae": "AutoencoderKL"}
+# kind -> diffusers class
+_CLASSES: dict[str, type[torch.nn.Module]] = {"dc-ae": AutoencoderDC, "sd-vae": AutoencoderKL}
 _KINDS = ("pixel", *_CLASSES)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-# Config keys that say how/where a model was saved, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "_use_default_values"}
-# Files above this size are fingerprinted by a byte sample instead of in full.
-_FULL_HASH_LIMIT = 8 << 20
-_SAMPLE_CHUNK = 64 << 10
-_SAMPLE_COUNT = 16
+_ROLE = ModelRole.AUTOENCODER
 
 
 class Autoencoder(abc.ABC):
@@ -168,30 +173,25 @@ class DiffusersAutoencoder(Autoencoder):
         return pixels.clamp(-1.0, 1.0).to(self.dtype)
 
     def _settings(self) -> dict[str, Any]:
-        config = {
-            k: v for k, v in dict(self.module.config).items() if k not in _VOLATILE_CONFIG_KEYS
-        }
         return {
             "kind": self.kind,
             "class": type(self.module).__name__,
-            "config": config,
+            "config": stable_config(dict(self.module.config)),
             "scale": self.scaling_factor,
             "shift": self.shift_factor,
-            "dtype": str(self.compute_dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.compute_dtype),
         }
 
     def fingerprint(self) -> str:
         if self._cached_fingerprint is not None:
             return self._cached_fingerprint
-        h = hashlib.sha256(json.dumps(self._settings(), sort_keys=True, default=str).encode())
         if self.source_dir is not None:
-            h.update(b"files\0" + _hash_weight_files(self.source_dir).encode())
             # Files on disk do not change under a running job; an in-memory module can, so
             # only the on-disk fingerprint is cached.
-            self._cached_fingerprint = h.hexdigest()
+            content = hash_weight_files(self.source_dir)
+            self._cached_fingerprint = combine(self._settings(), b"files", content)
             return self._cached_fingerprint
-        h.update(b"state\0" + _hash_state_dict(self.module).encode())
-        return h.hexdigest()
+        return combine(self._settings(), b"state", hash_state_dict(self.module))
 
 
 class DCAutoencoder(DiffusersAutoencoder):
@@ -223,137 +223,40 @@ class KLAutoencoder(DiffusersAutoencoder):
 _ADAPTERS: dict[str, type[DiffusersAutoencoder]] = {"dc-ae": DCAutoencoder, "sd-vae": KLAutoencoder}
 
 
-# ----------------------------------------------------------------------------- fingerprint helpers
-
-
-def _hash_file(h: Any, path: Path, size: int) -> None:
-    """Feed ``path`` into ``h``: in full when small, else evenly spaced chunks incl. head/tail.
-
-    The head holds the safetensors header (names, shapes, dtypes); any fine-tune rewrites bytes
-    throughout, so the sample catches it at a cost of ~1 MiB of reads per multi-GB file.
-    """
-    with path.open("rb") as f:
-        if size <= _FULL_HASH_LIMIT:
-            h.update(f.read())
-            return
-        for i in range(_SAMPLE_COUNT):
-            f.seek((size - _SAMPLE_CHUNK) * i // (_SAMPLE_COUNT - 1))
-            h.update(f.read(_SAMPLE_CHUNK))
-
-
-def _hash_weight_files(folder: Path) -> str:
-    """Cheap content hash of the weight files in ``folder`` (name, size, sampled bytes)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    for path in files:
-        size = path.stat().st_size  # follows HF-cache symlinks to the blobs
-        h.update(f"{path.name}\0{size}\0".encode())
-        _hash_file(h, path, size)
-    return h.hexdigest()
-
-
-def _hash_state_dict(module: torch.nn.Module) -> str:
-    """Full hash of every tensor of an in-memory module (meant for small/test models)."""
-    h = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            # Raw bytes via a uint8 view: works for bf16, which numpy cannot represent.
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-def _read_class_name(config_path: Path) -> str | None:
-    try:
-        return json.loads(config_path.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None  # from_pretrained reports unreadable configs with a better message
 
 
 def _load_module(kind: str, name_or_path: str, dtype: torch.dtype) -> tuple[Any, Path]:
     """Load the diffusers module for ``kind`` from local disk; returns it and its folder."""
-    import diffusers
-
-    class_name = _CLASSES[kind]
-    cls = getattr(diffusers, class_name)
+    cls = _CLASSES[kind]
+    class_name = cls.__name__
     if not name_or_path:
         raise ModelLoadError(
             f"vae.type={kind} needs vae.name_or_path; set it to a local diffusers {class_name} "
             f"folder"
         )
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if (path / "config.json").is_file():
-            folder, subfolder = path, None
-        elif (path / "vae" / "config.json").is_file():
-            folder, subfolder = path / "vae", "vae"  # a whole pipeline folder
-        else:
-            raise ModelLoadError(
-                f"autoencoder folder {path} has no config.json (nor vae/config.json); point "
-                f"vae.name_or_path at a diffusers {class_name} folder"
-            )
-        found = _read_class_name(folder / "config.json")
-        if found and found != class_name:
-            other = next((k for k, c in _CLASSES.items() if c == found), None)
-            fix = f"set vae.type={other}" if other else f"use a {class_name} folder"
-            raise ModelLoadError(
-                f"autoencoder {folder} is a {found}, not the {class_name} vae.type={kind} needs; "
-                f"{fix}"
-            )
-        source: str = str(path)
-    else:
-        parts = name_or_path.split("/")
-        if len(parts) != 2 or name_or_path.startswith((".", "~")) or not all(parts):
-            raise ModelLoadError(
-                f"autoencoder folder {path} does not exist; set vae.name_or_path to a local "
-                f"diffusers {class_name} folder"
-            )
-        source, subfolder, folder = name_or_path, None, None  # a Hub id: local cache only
+    # a model folder, or a whole pipeline folder holding vae/
+    folder = component_dir(resolve_model_dir(name_or_path, _ROLE), "vae", _ROLE)
+    found = read_model_config(folder, _ROLE).get("_class_name")
+    if found and found != class_name:
+        other = next((k for k, c in _CLASSES.items() if c.__name__ == found), None)
+        fix = f"set vae.type={other}" if other else f"use a {class_name} folder"
+        raise ModelLoadError(
+            f"autoencoder {folder} is a {found}, not the {class_name} vae.type={kind} needs; {fix}"
+        )
+    require_safetensors(folder, _ROLE)
     try:
         module = cls.from_pretrained(
-            source, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+            folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True
         )
-    except Exception as err:  # diffusers/hub raise many types (OSError, ValueError, ...)
-        if folder is None:
-            raise ModelLoadError(
-                f"autoencoder {name_or_path} is not a local folder and not in the Hugging Face "
-                f"cache; download it and set vae.name_or_path to its folder"
-            ) from err
-        first_line = next((ln for ln in str(err).splitlines() if ln.strip()), repr(err))
-        first_line = first_line.strip().rstrip(".")
+    except SanakitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - diffusers/hub raise many types (OSError, ...)
         raise ModelLoadError(
-            f"cannot load {class_name} from {folder}: {first_line[:300]}; re-save the folder "
+            f"cannot load {class_name} from {folder}: {first_line(err)}; re-save the folder "
             f"with diffusers save_pretrained"
         ) from err
-    if folder is None:
-        folder = _cache_folder(name_or_path)
     return module, folder
-
-
-def _cache_folder(repo_id: str) -> Path:
-    """The snapshot folder of a Hub id already in the local cache (for the fingerprint)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    config = try_to_load_from_cache(repo_id, "config.json")
-    if isinstance(config, str):
-        return Path(config).parent
-    raise ModelLoadError(
-        f"autoencoder {repo_id} has no config.json in the Hugging Face cache; download it and set "
-        f"vae.name_or_path to its folder"
-    )
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
 
 
 def build_autoencoder(
@@ -369,7 +272,7 @@ def build_autoencoder(
     kind = getattr(cfg_vae, "type", "pixel")
     scaling = getattr(cfg_vae, "scaling_factor", None)
     shift = getattr(cfg_vae, "shift_factor", None)
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     if kind == "pixel":
         return PixelAutoencoder(device, dtype, scaling, shift)
     if kind not in _ADAPTERS:
@@ -377,10 +280,10 @@ def build_autoencoder(
     source = getattr(cfg_vae, "name_or_path", "")
     if isinstance(source, torch.nn.Module):
         module, folder = source, None
-        if type(module).__name__ != _CLASSES[kind]:
+        if type(module).__name__ != _CLASSES[kind].__name__:
             raise ModelLoadError(
-                f"vae.type={kind} needs a {_CLASSES[kind]}, got a {type(module).__name__}; fix "
-                f"vae.type"
+                f"vae.type={kind} needs a {_CLASSES[kind].__name__}, got a "
+                f"{type(module).__name__}; fix vae.type"
             )
     else:
         module, folder = _load_module(kind, str(source or ""), dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderDC, AutoencoderKL
 
 # Non-default factors, so tests can tell "read from the model config" from "fell back to 1/0".
 TINY_DCAE_SCALING = 0.5
@@ -19,8 +20,6 @@ TINY_SDVAE_SHIFT = 0.125
 
 def tiny_dcae() -> torch.nn.Module:
     """A ~69k-parameter AutoencoderDC: 4 latent channels, downsampling by 2."""
-    from diffusers import AutoencoderDC
-
     torch.manual_seed(0)
     return AutoencoderDC(
         in_channels=3,
@@ -39,8 +38,6 @@ def tiny_dcae() -> torch.nn.Module:
 
 def tiny_sdvae() -> torch.nn.Module:
     """A ~44k-parameter AutoencoderKL: 4 latent channels, downsampling by 2."""
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=(8, 16),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from diffusers import SanaTransformer2DModel
+from safetensors.torch import load_file
 
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
@@ -46,8 +47,6 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
 
     Returns a short description of what was loaded. Shapes must match exactly.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     candidates = [
         path / "model.safetensors",  # a sanakit checkpoint

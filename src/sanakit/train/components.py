@@ -8,11 +8,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from sanakit.config import Config
+from sanakit.config import Config, to_yaml
+from sanakit.data.dataset import build_dataset
+from sanakit.data.sampler import ResumableSampler
+from sanakit.embeddings.captions import CaptionEncoder
+from sanakit.embeddings.latents import LatentCache
+from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.errors import ConfigError
-from sanakit.models.transformer import build_transformer
+from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.text import build_text_encoder
+from sanakit.models.text.null_embedding import NullEmbedding
+from sanakit.models.transformer import build_transformer, load_weights
+from sanakit.train import parallel
+from sanakit.train.state import EMA, TrainState
 
 log = logging.getLogger("sanakit")
 
@@ -26,49 +36,8 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def accelerate_precision(cfg: Config, device_type: str) -> str:
-    mp = cfg.train.mixed_precision
-    if mp == "bf16" or (mp == "auto" and device_type == "cuda"):
-        return "bf16"
-    return "no"
-
-
-def build_dataset(cfg: Config, factor: int = 1) -> tuple[Dataset, list[str] | None]:
-    """The training dataset and, with ``model.multi_scale``, each sample's bucket key.
-
-    Buckets are assigned on the full dataset (it resizes each image to its bucket) before an
-    optional ``data.max_samples`` cap; ``factor`` is the autoencoder's downsampling factor, so
-    bucket sides stay multiples of factor x patch size.
-    """
-    from sanakit.data.formats import build_dataset as build_format_dataset
-
-    dataset = build_format_dataset(cfg.data, cfg.model.image_size, cfg.seed)
-    groups = None
-    if cfg.model.multi_scale:
-        from sanakit.data.buckets import assign_buckets, bucket_table
-
-        table = bucket_table(cfg.model.image_size, multiple=max(32, factor * cfg.model.patch_size))
-        groups = assign_buckets(dataset, table)
-    if cfg.data.max_samples and cfg.data.max_samples < len(dataset):
-        skips = getattr(dataset, "skips", None)
-        full = dataset
-        dataset = Subset(full, range(cfg.data.max_samples))
-        dataset.skips = skips  # type: ignore[attr-defined]
-        dataset.target_size_for = getattr(full, "target_size_for", None)  # type: ignore[attr-defined]
-        groups = groups[: cfg.data.max_samples] if groups else None
-    return dataset, groups
-
-
-def set_epoch(dataset: Dataset, epoch: int) -> None:
-    """Tell the dataset (or the one under a Subset) which epoch it serves."""
-    inner = getattr(dataset, "dataset", dataset)
-    if hasattr(inner, "set_epoch"):
-        inner.set_epoch(epoch)
-
-
-def target_size(dataset: Dataset, index: int, default: int) -> tuple[int, int]:
-    """The (height, width) a sample is resized to: its bucket's, or the square default."""
-    sized = getattr(dataset, "target_size_for", None)
-    return tuple(sized(index)) if callable(sized) else (default, default)  # type: ignore[return-value]
+    """The same policy in accelerate's words."""
+    return "bf16" if autocast_dtype(cfg, torch.device(device_type)) == torch.bfloat16 else "no"
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -105,9 +74,6 @@ class Models:
 
 
 def build_models(cfg: Config, device: torch.device) -> Models:
-    from sanakit.models.autoencoder import build_autoencoder
-    from sanakit.models.text import build_text_encoder
-
     text_encoder = build_text_encoder(cfg.text_encoder, device)
     autoencoder = build_autoencoder(cfg.vae, device, torch.float32)
     factor = autoencoder.downsample_factor
@@ -137,3 +103,66 @@ def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
 
 def steps_per_epoch(num_batches: int, accumulation: int) -> int:
     return max(1, math.ceil(num_batches / accumulation))
+
+
+@dataclass
+class Encoders:
+    """Images -> latents and captions -> embeddings, each through its on-disk cache."""
+
+    latents: LatentCache
+    captions: CaptionEncoder
+
+
+@dataclass
+class Parts:
+    """Everything a run is built from; ``state`` is what survives a restart."""
+
+    models: Models
+    encoders: Encoders
+    dataset: Dataset
+    state: TrainState
+    sharded: bool  # FSDP: the transformer was sharded in place
+    latent_shape: tuple[int, int, int]  # of a square model.image_size sample
+
+    @property
+    def autoencoder(self) -> Any:
+        return self.models.autoencoder
+
+
+def build_parts(
+    cfg: Config, accelerator: Any, models: Models, null: NullEmbedding, resuming: bool
+) -> Parts:
+    """Caches, data, sampler, (sharded) model, optimizer, schedule and the fresh state."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    text = models.text_encoder
+    encoders = Encoders(
+        LatentCache.from_config(cfg, models.autoencoder),
+        CaptionEncoder(text, store=TextEmbeddingCache.from_config(cfg, text)),
+    )
+    dataset, buckets = build_dataset(cfg, models.autoencoder.downsample_factor)
+    bs = cfg.train.train_batch_size
+    sampler = ResumableSampler(len(dataset), bs, cfg.seed, rank, world, groups=buckets)
+    if sampler.dropped_per_epoch:
+        log.info(
+            "%d samples per epoch do not fill a batch for every rank", sampler.dropped_per_epoch
+        )
+    model = models.transformer
+    if cfg.load_from and not resuming:
+        log.info("loaded weights from %s", load_weights(model, cfg.load_from))
+    sharded = parallel.use_fsdp(cfg, world)
+    if sharded:  # in place, before the optimizer and the EMA take the (now sharded) parameters
+        log.info(parallel.shard_transformer(model, device, world))
+    optimizer = build_optimizer(cfg, model)
+    state = TrainState(
+        model=model,
+        ema=EMA(model, cfg.train.ema_rate),
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(cfg, optimizer),
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        null=null,
+        config_yaml=to_yaml(cfg),
+        rank=rank,
+        world_size=world,
+    )
+    return Parts(models, encoders, dataset, state, sharded, latent_shape(cfg, models.autoencoder))

@@ -25,8 +25,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from sanakit.config import Config
 from sanakit.errors import SanakitError
+from sanakit.io import checkpoint as ckpt
+from sanakit.train.loop import RunResult, train
+from sanakit.units import human_bytes
 
 log = logging.getLogger("sanakit")
 
@@ -105,14 +110,12 @@ def read_losses(work_dir: Path) -> list[float]:
     return [float(r["loss"]) for r in rows]
 
 
-def _run(cfg: Config, quiet: io.StringIO) -> Path:
+def _run(cfg: Config, quiet: io.StringIO) -> RunResult:
     """One call of the real loop; stdout (preflight lines) kept aside, log file handlers closed."""
-    from sanakit.train.loop import train
-
     before = list(log.handlers)
     try:
         with contextlib.redirect_stdout(quiet):
-            return Path(train(cfg))
+            return train(cfg)
     finally:
         # train() adds a FileHandler for its work_dir; without this, the next run's lines
         # would also land in the previous run's train.log
@@ -123,10 +126,6 @@ def _run(cfg: Config, quiet: io.StringIO) -> Path:
 
 def run_dry_run(cfg: Config, root: Path) -> DryRunResult:
     """Run the three trainings under ``root`` and collect their losses (root is not removed)."""
-    import torch
-
-    from sanakit.io import checkpoint as ckpt
-
     straight, first, second = dry_run_configs(cfg, root)
     quiet = io.StringIO()
     seconds: dict[str, float] = {}
@@ -145,15 +144,17 @@ def run_dry_run(cfg: Config, root: Path) -> DryRunResult:
                 f"see the warnings above (is {root.parent} full? set TMPDIR elsewhere)"
             )
         tick = time.perf_counter()
-        _run(second, quiet)
+        third = _run(second, quiet)
         seconds["resume"] = time.perf_counter() - tick
     except BaseException:
         sys.stdout.write(quiet.getvalue())  # the inner runs' lines help explain a failure
         raise
-    train_log = Path(second.work_dir) / "train.log"
-    if f"resumed from {saved}" not in train_log.read_text(errors="replace"):
+    if third.resumed_from != saved:
         # without this a run that silently started fresh would match the straight run
-        raise SanakitError(f"dry run: the third run did not resume from {saved} (see {train_log})")
+        raise SanakitError(
+            f"dry run: the third run did not resume from {saved} (it started from "
+            f"{third.resumed_from or 'scratch'})"
+        )
     size = sum(f.stat().st_size for f in saved.iterdir() if f.is_file())
     return DryRunResult(
         straight=read_losses(Path(straight.work_dir)),
@@ -166,7 +167,6 @@ def run_dry_run(cfg: Config, root: Path) -> DryRunResult:
 
 
 def format_report(result: DryRunResult, total: float) -> str:
-    from sanakit.doctor import human_bytes
 
     device = "cpu" if result.exact else "cuda"
     lines = [

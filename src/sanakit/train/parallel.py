@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sanakit.config import Config
@@ -62,10 +65,6 @@ def shard_transformer(model: torch.nn.Module, device: torch.device, world_size: 
     Must run before the optimizer and the EMA are built: FSDP2 replaces the parameters with
     sharded ones in place. Every rank must call it (the report is gathered from all ranks).
     """
-    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (world_size,))
     blocks = [m for m in model.modules() if isinstance(m, SanaTransformerBlock)]
     for block in blocks:
@@ -90,8 +89,6 @@ def shard_transformer(model: torch.nn.Module, device: torch.device, world_size: 
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 

@@ -7,10 +7,19 @@ from typing import Any
 import torch
 
 from sanakit.errors import ConfigError
-from sanakit.models.text.base import TextEncoder, instruction_hash
+from sanakit.models.text.base import (
+    MIN_MAX_LENGTH,
+    TextEncoder,
+    check_max_length_setting,
+    instruction_hash,
+)
+from sanakit.models.text.gemma import GemmaEncoder
+from sanakit.models.text.minilm import MiniLMEncoder
+from sanakit.models.text.t5 import T5Encoder
 
 __all__ = [
     "ENCODER_TYPES",
+    "MIN_MAX_LENGTH",
     "SANA_COMPLEX_HUMAN_INSTRUCTION",
     "TextEncoder",
     "build_text_encoder",
@@ -64,8 +73,7 @@ def build_text_encoder(cfg: Any, device: torch.device | str = "cpu") -> TextEnco
         raise ConfigError(
             f"text_encoder.type '{kind}' is not valid: use one of {', '.join(ENCODER_TYPES)}"
         )
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"text_encoder.max_length must be an integer >= 2 (got {max_length!r})")
+    check_max_length_setting(max_length)
     if instruction and kind != "gemma-2":
         raise ConfigError(
             f"text_encoder.complex_human_instruction is only supported for type 'gemma-2' "
@@ -78,14 +86,10 @@ def build_text_encoder(cfg: Any, device: torch.device | str = "cpu") -> TextEnco
         )
 
     if kind == "minilm":
-        from sanakit.models.text.minilm import MiniLMEncoder
-
         return MiniLMEncoder(
             name_or_path or None, max_length=max_length, device=device, dtype=dtype
         )
     if kind == "gemma-2":
-        from sanakit.models.text.gemma import GemmaEncoder
-
         return GemmaEncoder(
             name_or_path,
             max_length=max_length,
@@ -93,6 +97,4 @@ def build_text_encoder(cfg: Any, device: torch.device | str = "cpu") -> TextEnco
             device=device,
             dtype=dtype,
         )
-    from sanakit.models.text.t5 import T5Encoder
-
     return T5Encoder(name_or_path, max_length=max_length, device=device, dtype=dtype)

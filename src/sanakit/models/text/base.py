@@ -20,20 +20,21 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoModel
 
+from sanakit import __version__
 from sanakit.errors import ConfigError, ModelLoadError
+from sanakit.models.dtypes import dtype_name
+from sanakit.models.fingerprint import combine, hash_model_dirs, hash_model_object
+from sanakit.models.text.loading import load_pretrained
+from sanakit.models.text.tokens import count_longer, pad_to_length
 
 logger = logging.getLogger(__name__)
 
-# Small files that do not affect outputs; skipped so that editing a model card keeps the cache.
-_IGNORED_FILES = re.compile(r"(?i)^(readme.*|.*\.md|\.gitattributes|.*\.(png|jpe?g|gif|webp))$")
-# Files up to this size (configs, tokenizers, small weights) are hashed in full; larger ones by
-# name, size and a byte sample. 32 MiB hashes in ~50 ms, so only real checkpoints get sampled.
-_FULL_HASH_LIMIT = 32 * 1024 * 1024
-_HEAD_BYTES = 64 * 1024  # covers safetensors headers (tensor names, shapes, offsets)
-_TAIL_BYTES = 64 * 1024
-_SAMPLE_CHUNKS = 16
-_CHUNK_BYTES = 4096
+#: the smallest ``text_encoder.max_length`` an encoder accepts: the empty prompt (the null
+#: embedding) needs its two special tokens ([CLS][SEP], BOS+EOS), and Gemma's instruction
+#: selection keeps BOS plus the last L-1 positions
+MIN_MAX_LENGTH = 2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -47,11 +48,6 @@ def instruction_hash(instruction: Sequence[str] | None) -> str | None:
         return None
     payload = json.dumps(list(instruction), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(payload).hexdigest()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``, the spelling used in configs and provenance."""
-    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(
@@ -78,70 +74,6 @@ def resolve_dtype(
     return _DTYPES[spec]
 
 
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def _not_offline(name_or_path: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"text encoder '{name_or_path}' is not available offline: put the model folder at a local "
-        f"path and set --text_encoder.name_or_path=PATH, or fill the Hugging Face cache "
-        f"(HF_HOME=...; searched {_hf_cache_dir()})"
-    )
-
-
-def _looks_like_path(name_or_path: str) -> bool:
-    """True for strings that can only be filesystem paths, never a Hub repo id."""
-    return (
-        name_or_path.startswith(("/", ".", "~"))
-        or "\\" in name_or_path
-        or name_or_path.count("/") != 1
-    )
-
-
-def resolve_model_dir(name_or_path: str) -> Path:
-    """Map a local folder or a Hub repo id to a local folder without touching the network.
-
-    Repo ids are looked up in the Hugging Face cache with ``local_files_only=True``; anything that
-    cannot be found raises :class:`ModelLoadError` naming ``name_or_path``.
-    """
-    if not name_or_path:
-        raise ConfigError(
-            "text_encoder.name_or_path is empty: set --text_encoder.name_or_path=PATH or a repo id"
-        )
-    local = Path(os.path.expanduser(name_or_path))
-    if local.is_dir():
-        return local.resolve()
-    if local.exists():
-        raise ModelLoadError(
-            f"text encoder path '{name_or_path}' is a file, not a model folder: set "
-            f"--text_encoder.name_or_path to the folder that holds config.json"
-        )
-    if _looks_like_path(name_or_path):
-        raise _not_offline(name_or_path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=name_or_path, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
-        raise _not_offline(name_or_path) from None
-
-
-def component_dirs(root: Path) -> tuple[Path, Path]:
-    """Return ``(model_dir, tokenizer_dir)`` inside ``root``.
-
-    A plain model folder holds both; a diffusers pipeline folder (e.g. a Sana checkpoint) keeps
-    them in ``text_encoder/`` and ``tokenizer/``, so both layouts are accepted.
-    """
-    if not (root / "config.json").is_file() and (root / "text_encoder" / "config.json").is_file():
-        tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root / "text_encoder"
-        return root / "text_encoder", tok_dir
-    return root, root
-
-
 def display_name(name_or_path: str) -> str:
     """Short id for file names: the folder basename, reduced to ``[A-Za-z0-9._-]``."""
     base = name_or_path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
@@ -149,100 +81,15 @@ def display_name(name_or_path: str) -> str:
     return cleaned or "text-encoder"
 
 
-def _hash_file_sample(h: Any, path: Path, size: int) -> None:
-    """Feed head, tail and evenly spaced chunks of ``path`` into ``h`` (O(1) reads per file)."""
-    with path.open("rb") as f:
-        h.update(f.read(_HEAD_BYTES))
-        if size > _HEAD_BYTES + _TAIL_BYTES:
-            span = size - _HEAD_BYTES - _TAIL_BYTES
-            for i in range(_SAMPLE_CHUNKS):
-                f.seek(_HEAD_BYTES + span * i // _SAMPLE_CHUNKS)
-                h.update(f.read(_CHUNK_BYTES))
-        f.seek(max(size - _TAIL_BYTES, 0))
-        h.update(f.read(_TAIL_BYTES))
-
-
-def hash_model_dirs(dirs: Sequence[Path]) -> str:
-    """Cheap content hash of model folders (top-level files only).
-
-    Every file is keyed by name and size. Config, tokenizer and small weight files are hashed in
-    full; larger files (checkpoint shards) by a byte sample: head, tail and evenly spaced chunks,
-    so a 5 GB checkpoint costs a few hundred KiB of reads. The head covers the safetensors header
-    (tensor names, shapes, dtypes); any fine-tune rewrites bytes throughout and so hits the
-    sample, while a single edited value deep inside a large shard may go unnoticed.
-    """
-    h = hashlib.sha256()
-    unique = list(dict.fromkeys(dirs))  # a plain model folder is both model and tokenizer dir
-    for index, d in enumerate(unique):
-        for path in sorted(p for p in d.iterdir() if p.is_file()):
-            if _IGNORED_FILES.match(path.name):
-                continue
-            size = path.stat().st_size  # follows HF-cache symlinks to the blobs
-            # Key by position, not folder name: moving a model folder or a new cache snapshot
-            # with identical files must keep the fingerprint (and every cache keyed by it).
-            h.update(f"{index}/{path.name}\0{size}\0".encode())
-            if size > _FULL_HASH_LIMIT:
-                _hash_file_sample(h, path, size)
-            else:
-                h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return b""
-    # view as bytes so that bf16 (which numpy cannot represent) hashes too
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-# Config keys that describe how a model was loaded, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
-
-
-def hash_model_object(model: torch.nn.Module, tokenizer: Any) -> str:
-    """Content hash of in-memory objects: every state_dict tensor, the config and the tokenizer.
-
-    Used when the encoder was built from objects (tests, notebooks); affordable for small models.
-    """
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        cfg = {
-            k: v
-            for k, v in config.to_dict().items()
-            if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_attn_implementation")
-        }
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for key, tensor in model.state_dict().items():
-        h.update(f"{key}\0{dtype_name(tensor.dtype)}\0{tuple(tensor.shape)}\0".encode())
-        h.update(_tensor_bytes(tensor))
-    h.update(hash_tokenizer_object(tokenizer).encode())
-    return h.hexdigest()
-
-
-def hash_tokenizer_object(tokenizer: Any) -> str:
-    """Hash a tokenizer's full definition (fast tokenizers) or its vocabulary (slow ones)."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        # padding/truncation are call-time settings the encoder changes on first use; they do
-        # not change what a token means, so they must not change the fingerprint
-        definition.pop("padding", None)
-        definition.pop("truncation", None)
-        h.update(json.dumps(definition, sort_keys=True).encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    specials = {
-        "bos": tokenizer.bos_token,
-        "eos": tokenizer.eos_token,
-        "pad": tokenizer.pad_token,
-        "cls": getattr(tokenizer, "cls_token", None),
-        "sep": getattr(tokenizer, "sep_token", None),
-    }
-    h.update(json.dumps(specials, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def check_max_length_setting(max_length: Any) -> None:
+    """Reject a ``text_encoder.max_length`` that is not an integer >= :data:`MIN_MAX_LENGTH`."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ConfigError(f"text_encoder.max_length must be an integer (got {max_length!r})")
+    if max_length < MIN_MAX_LENGTH:
+        raise ConfigError(
+            f"text_encoder.max_length must be >= {MIN_MAX_LENGTH} (got {max_length}): the empty "
+            f"prompt alone needs {MIN_MAX_LENGTH} tokens"
+        )
 
 
 class TextEncoder(abc.ABC):
@@ -286,8 +133,6 @@ class TextEncoder(abc.ABC):
 
     def provenance(self) -> dict[str, Any]:
         """JSON-able record stored next to derived artifacts (cached embeds, null embedding)."""
-        from sanakit import __version__
-
         return {
             "encoder": self.name,
             "fingerprint": self.fingerprint(),
@@ -331,10 +176,7 @@ class PretrainedTextEncoder(TextEncoder):
         dtype: str | torch.dtype = "auto",
         name: str | None = None,
     ) -> None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ConfigError(
-                f"text_encoder.max_length must be an integer >= 2 (got {max_length!r})"
-            )
+        check_max_length_setting(max_length)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device, self.cuda_default_dtype)
         self.max_length = max_length
@@ -348,13 +190,17 @@ class PretrainedTextEncoder(TextEncoder):
             if name_or_path is None:
                 raise ValueError("pass name_or_path or model + tokenizer")
             spec = os.fspath(name_or_path)
-            model, tokenizer = self._load(spec)
+            loaded = load_pretrained(spec, self._model_class(), self.dtype)
+            model, tokenizer, self._source_dirs = loaded.model, loaded.tokenizer, loaded.source_dirs
             self.name = name or display_name(spec)
         else:
             self.name = name or display_name(
                 str(getattr(getattr(model, "config", None), "_name_or_path", "") or self.kind)
             )
+        self._adopt(model, tokenizer)
 
+    def _adopt(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Take ``model`` and ``tokenizer`` on: right padding, eval mode, device and dtype."""
         if tokenizer.pad_token is None:
             raise ModelLoadError(
                 f"tokenizer of text encoder '{self.name}' has no pad token: use a tokenizer that "
@@ -371,28 +217,7 @@ class PretrainedTextEncoder(TextEncoder):
 
     def _model_class(self) -> Any:
         """The transformers class used to load weights from a folder."""
-        from transformers import AutoModel
-
         return AutoModel
-
-    def _load(self, spec: str) -> tuple[torch.nn.Module, Any]:
-        from transformers import AutoTokenizer
-
-        root = resolve_model_dir(spec)
-        model_dir, tok_dir = component_dirs(root)
-        self._source_dirs = [model_dir, tok_dir]
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-            model = self._model_class().from_pretrained(
-                model_dir, local_files_only=True, dtype=self.dtype
-            )
-        except (OSError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(
-                f"text encoder '{spec}' cannot be loaded from {root} ({first}): point "
-                f"--text_encoder.name_or_path at a folder with config.json, tokenizer and weights"
-            ) from None
-        return model, tokenizer
 
     def _check_max_length(self, length: int) -> None:
         """Reject sequence lengths beyond learned position embeddings (they would crash later)."""
@@ -411,29 +236,19 @@ class PretrainedTextEncoder(TextEncoder):
 
     def _tokenize(self, texts: list[str], length: int, warn: bool = True) -> tuple[Tensor, Tensor]:
         """Right-pad/truncate ``texts`` to exactly ``length`` tokens; warn once about truncation."""
-        if warn:
-            lengths = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-            n_long = sum(len(ids) > length for ids in lengths)
-            if n_long:
-                logger.warning(
-                    "%d of %d prompts exceed %d tokens for text encoder '%s' (max_length=%d%s) "
-                    "and were truncated",
-                    n_long,
-                    len(texts),
-                    length,
-                    self.name,
-                    self.max_length,
-                    ", complex human instruction included" if length != self.max_length else "",
-                )
-        batch = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        return batch["input_ids"], batch["attention_mask"].to(torch.long)
+        n_long = count_longer(self.tokenizer, texts, length) if warn else 0
+        if n_long:
+            logger.warning(
+                "%d of %d prompts exceed %d tokens for text encoder '%s' (max_length=%d%s) "
+                "and were truncated",
+                n_long,
+                len(texts),
+                length,
+                self.name,
+                self.max_length,
+                ", complex human instruction included" if length != self.max_length else "",
+            )
+        return pad_to_length(self.tokenizer, texts, length)
 
     def _forward(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         """Last hidden state for ``input_ids`` in ``self.dtype`` on ``self.device``."""
@@ -480,11 +295,10 @@ class PretrainedTextEncoder(TextEncoder):
     def fingerprint(self) -> str:
         if self._cached_fingerprint is not None:
             return self._cached_fingerprint
-        h = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
         if self._source_dirs is not None:
-            h.update(b"dirs\0" + hash_model_dirs(self._source_dirs).encode())
             # folders do not change under a running process; objects can, so never cache those
-            self._cached_fingerprint = h.hexdigest()
+            content = hash_model_dirs(self._source_dirs)
+            self._cached_fingerprint = combine(self._settings(), b"dirs", content)
             return self._cached_fingerprint
-        h.update(b"objects\0" + hash_model_object(self.model, self.tokenizer).encode())
-        return h.hexdigest()
+        content = hash_model_object(self.model, self.tokenizer)
+        return combine(self._settings(), b"objects", content)

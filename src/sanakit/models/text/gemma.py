@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoModel
 
 from sanakit.errors import ConfigError
 from sanakit.models.text.base import PretrainedTextEncoder
@@ -75,8 +76,6 @@ class GemmaEncoder(PretrainedTextEncoder):
 
     def _model_class(self) -> Any:
         # AutoModel maps both Gemma2Model and Gemma2ForCausalLM checkpoints to Gemma2Model.
-        from transformers import AutoModel
-
         return AutoModel
 
     def preprocess(self, prompts: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import torch
+from transformers import T5EncoderModel
 
 from sanakit.models.text.base import PretrainedTextEncoder
 
@@ -43,6 +44,4 @@ class T5Encoder(PretrainedTextEncoder):
         )
 
     def _model_class(self) -> Any:
-        from transformers import T5EncoderModel
-
         return T5EncoderModel

@@ -1,0 +1,243 @@
+"""`sanakit cache build|verify`: fill or check every entry a run's dataset needs.
+
+Both take the parts (``CacheParts``) that :func:`open_caches` builds from a run's config: the
+encoders and the dataset exactly as training builds them (same buckets, same
+``data.max_samples`` cap), so the entries are the ones training will look up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sanakit.config import Config
+from sanakit.data.dataset import build_dataset
+from sanakit.embeddings.latents import LatentCache, pixel_variants
+from sanakit.embeddings.store import PROBLEMS, EntryStatus, Inspection, cache_root
+from sanakit.embeddings.text import TextEmbeddingCache
+from sanakit.embeddings.writer import flush_writes
+from sanakit.errors import ArtifactError
+from sanakit.io.atomic import remove_stale_temp_files
+from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.text import build_text_encoder
+
+_SHOW = 5  # paths listed per problem kind by verify
+
+
+@dataclass
+class CacheParts:
+    """The caches of one run (sharing one root) and the dataset whose entries they hold."""
+
+    text: TextEmbeddingCache
+    latents: LatentCache
+    dataset: Any  # the training dataset, resized into buckets as training does
+    num_workers: int = 0  # DataLoader workers decoding images
+
+    @property
+    def root(self) -> Path:
+        return self.text.root
+
+
+@dataclass
+class Section:
+    """Counts for one cache (text or latents) in a build or verify report."""
+
+    name: str
+    skipped: str = ""
+    total: int = 0
+    counts: dict[EntryStatus, int] = field(default_factory=dict)
+    examples: dict[EntryStatus, list[str]] = field(default_factory=dict)
+
+    def add(self, status: EntryStatus, example: str = "") -> None:
+        self.total += 1
+        self.counts[status] = self.counts.get(status, 0) + 1
+        shown = self.examples.setdefault(status, [])
+        if example and len(shown) < _SHOW:
+            shown.append(example)
+
+    def record(self, found: Inspection, what: str) -> None:
+        """Count one inspected entry; problems keep its path (and reason) as an example."""
+        if found.status is EntryStatus.VALID:
+            example = ""
+        elif found.status is EntryStatus.MISSING:
+            example = f"{found.path} ({what})"
+        else:
+            example = f"{found.path} ({what}): {found.reason}"
+        self.add(found.status, example)
+
+    def problems(self) -> int:
+        return sum(self.counts.get(k, 0) for k in PROBLEMS)
+
+
+def _base(dataset: Any) -> tuple[Any, list[int]]:
+    """The underlying dataset and the indices a (nested) ``Subset`` exposes."""
+    indices = list(range(len(dataset)))
+    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def _samples(dataset: Any, num_workers: int, need_pixels: bool) -> Iterator[dict | None]:
+    """Every sample of the run's dataset; captions straight from the index when pixels are moot."""
+    base, indices = _base(dataset)
+    records = getattr(base, "records", None)
+    if not need_pixels and records is not None:
+        for i in indices:
+            yield {"caption": records[i].caption, "id": records[i].id}
+        return
+    loader = DataLoader(dataset, batch_size=16, collate_fn=_as_list, num_workers=num_workers)
+    for batch in loader:
+        yield from batch
+
+
+def _each_sample(parts: CacheParts, desc: str, progress: bool) -> Iterator[dict | None]:
+    """The samples with a progress bar; None for a sample that could not be read."""
+    need_pixels = not parts.latents.passthrough
+    with tqdm(total=len(parts.dataset), desc=desc, unit="sample", disable=not progress) as bar:
+        for item in _samples(parts.dataset, parts.num_workers, need_pixels):
+            bar.update(1)
+            yield item
+
+
+def _flips(dataset: Any) -> bool:
+    return bool(getattr(_base(dataset)[0], "random_flip", False))
+
+
+def _remove_stale_temp_files(parts: CacheParts) -> int:
+    dirs = (parts.text.dir, parts.latents.dir)
+    return sum(
+        len(remove_stale_temp_files(d))
+        for sub in dirs
+        if sub.is_dir()
+        for d in sub.iterdir()
+        if d.is_dir()
+    )
+
+
+def build_caches(parts: CacheParts, progress: bool = True) -> dict:
+    """Compute and write every missing or invalid caption embedding and latent of the dataset.
+
+    The caches should be opened in ``readwrite`` mode whatever ``train.cache_mode`` says
+    (building is the point). Returns a JSON-able summary.
+    """
+    started = time.perf_counter()
+    text, latents = parts.text, parts.latents
+    removed = _remove_stale_temp_files(parts)
+    flips = _flips(parts.dataset)
+    seen: set[str] = set()
+    images = unreadable = 0
+    for item in _each_sample(parts, "cache build", progress):
+        if item is None:
+            unreadable += 1
+            continue
+        if item["caption"] not in seen:
+            seen.add(item["caption"])
+            text.get(item["caption"])
+        if not latents.passthrough:
+            for pixels in pixel_variants(item["pixels"], flips):
+                latents.encode(pixels[None])
+                images += 1
+    failures = flush_writes()
+    if failures:
+        raise ArtifactError(
+            f"{len(failures)} cache entries could not be written (first: {failures[0]}); "
+            f"free space or fix permissions under {parts.root} and run it again"
+        )
+    return {
+        "root": str(parts.root),
+        "samples": len(parts.dataset),
+        "unreadable": unreadable,
+        "captions": len(seen),
+        "text": vars(text.stats),
+        "images": images,
+        "latents": None if latents.passthrough else vars(latents.stats),
+        "flip_variants": flips,
+        "stale_temp_files_removed": removed,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def verify_caches(parts: CacheParts, progress: bool = True) -> tuple[list[Section], int]:
+    """Check every entry the dataset needs; returns per-cache sections and the unreadable count.
+
+    Open the caches in ``read`` mode: verifying never writes.
+    """
+    text, latents = parts.text, parts.latents
+    flips = _flips(parts.dataset)
+    text_section = Section("text embeddings")
+    latent_section = Section("latents")
+    if latents.passthrough:
+        latent_section.skipped = "vae.type=pixel trains on pixels: no latent cache"
+    seen: set[str] = set()
+    unreadable = 0
+    for item in _each_sample(parts, "cache verify", progress):
+        if item is None:
+            unreadable += 1
+            continue
+        caption = item["caption"]
+        if caption not in seen:
+            seen.add(caption)
+            text_section.record(text.inspect_caption(caption), f"caption {caption[:60]!r}")
+        if not latents.passthrough:
+            for pixels in pixel_variants(item["pixels"], flips):
+                latent_section.record(latents.inspect_pixels(pixels), f"sample {item['id']}")
+    return [text_section, latent_section], unreadable
+
+
+def _format_section(s: Section) -> list[str]:
+    if s.skipped:
+        return [f"{s.name}: skipped ({s.skipped})"]
+    c = s.counts
+    counts = ", ".join(f"{c.get(status, 0)} {status.value}" for status in EntryStatus)
+    lines = [f"{s.name}: {s.total} needed, {counts}"]
+    for status in PROBLEMS:
+        shown = s.examples.get(status, [])
+        lines.extend(f"  {status.value}: {example}" for example in shown)
+        more = c.get(status, 0) - len(shown)
+        if more > 0:
+            lines.append(f"  ... and {more} more {status.value}")
+    return lines
+
+
+def format_verify(sections: list[Section], unreadable: int, root: Path) -> str:
+    """The report `sanakit cache verify` prints."""
+    lines = [f"cache {root}"]
+    for s in sections:
+        lines.extend(_format_section(s))
+    if unreadable:
+        lines.append(f"{unreadable} unreadable samples skipped (training drops them too)")
+    bad = sum(s.problems() for s in sections)
+    lines.append(
+        "cache complete and valid"
+        if not bad
+        else f"cache incomplete: {bad} entries to (re)build; run `sanakit cache build` with the "
+        f"same config"
+    )
+    return "\n".join(lines)
+
+
+def open_caches(cfg: Config, mode: str) -> CacheParts:
+    """The run's text and latent caches in ``mode`` (readwrite to build, read to verify)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as training does
+    encoder = build_text_encoder(cfg.text_encoder, device)
+    autoencoder = build_autoencoder(cfg.vae, device, torch.float32)
+    dataset, _ = build_dataset(cfg, autoencoder.downsample_factor)  # buckets resize as training
+    root = cache_root(cfg)
+    return CacheParts(
+        text=TextEmbeddingCache(root, encoder, mode),
+        latents=LatentCache(root, autoencoder, mode),
+        dataset=dataset,
+        num_workers=cfg.data.num_workers,
+    )

@@ -1,0 +1,77 @@
+"""The text-embedding cache: caption -> ``(embeds [L, D], mask [L])`` of one text encoder."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sanakit.config import Config
+from sanakit.embeddings.store import EntryCache, Inspection, cache_root
+from sanakit.io.artifacts import Tensors
+
+
+class TextEmbeddingCache(EntryCache):
+    """Caption -> ``(embeds [L, D], mask [L])`` of one text encoder, on disk.
+
+    Misses are encoded one caption per call, exactly as ``CaptionEncoder``
+    does without a cache, so cached and fresh values are the same bits.
+    """
+
+    what = "text-embedding cache"
+    subdir = "text"
+
+    def __init__(self, root: Path, encoder: Any, mode: str = "readwrite") -> None:
+        super().__init__(root, mode)
+        self.encoder = encoder
+        provenance = dict(encoder.provenance())  # fingerprints hash weights: compute once
+        provenance.pop("sanakit_version", None)  # a release does not change the embeddings
+        self.identity = provenance
+        self.shape = (int(encoder.max_length), int(encoder.hidden_size))
+        self.dtype = encoder.dtype
+
+    @classmethod
+    def from_config(cls, cfg: Config, encoder: Any) -> TextEmbeddingCache | None:
+        """The run's text cache, or None for ``train.cache_mode=off``."""
+        mode = cfg.train.cache_mode
+        return None if mode == "off" else cls(cache_root(cfg), encoder, mode)
+
+    def key_for(self, caption: str) -> dict:
+        return {"kind": "text-embedding", "caption": caption, **self.identity}
+
+    def path_for(self, caption: str) -> Path:
+        return self.path_for_digest(hashlib.sha256(caption.encode("utf-8")).hexdigest())
+
+    def validate(self, tensors: Tensors) -> str | None:
+        embeds, mask = tensors.get("embeds"), tensors.get("mask")
+        if embeds is None or mask is None:
+            return "embeds or mask missing"
+        if embeds.dim() != 2 or mask.dim() != 1 or embeds.shape[0] != mask.shape[0]:
+            return f"shapes {tuple(embeds.shape)}/{tuple(mask.shape)} are not [L, D]/[L]"
+        return None
+
+    def fits(self, tensors: Tensors) -> str | None:
+        embeds, mask = tensors["embeds"], tensors["mask"]
+        if tuple(embeds.shape) != self.shape or tuple(mask.shape) != self.shape[:1]:
+            return f"shapes {tuple(embeds.shape)}/{tuple(mask.shape)}, expected {self.shape}"
+        if embeds.dtype != self.dtype:
+            return f"dtype {embeds.dtype}, expected {self.dtype}"
+        return None
+
+    def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds [L, D], mask [L])`` on the encoder's device: from disk or computed."""
+        path, key = self.path_for(caption), self.key_for(caption)
+        hit = self.lookup(path, key)
+        device = self.encoder.device
+        if hit is not None:
+            return hit["embeds"].to(device), hit["mask"].to(device)
+        embeds, mask = self.encoder.encode([caption])
+        self.stats.computed += 1
+        self.store(path, key, {"embeds": embeds[0], "mask": mask[0]})
+        return embeds[0], mask[0]
+
+    def inspect_caption(self, caption: str) -> Inspection:
+        """The entry ``caption`` needs, checked without using it."""
+        return self.inspect(self.path_for(caption), self.key_for(caption))
