@@ -258,8 +258,7 @@ def cmd_eval(args: list[str]) -> int:
     if opts.samples_per_prompt <= 0:
         raise SanakitError(f"--samples_per_prompt={opts.samples_per_prompt} must be > 0")
     scales = parse_cfg_scales(opts.cfg_scales) if opts.cfg_scales is not None else None
-    if opts.out:
-        check_out_file(Path(opts.out), "--out")
+    out = check_out_file(Path(opts.out), "--out") if opts.out else None
     from sanakit.evaluate import evaluate, format_table, to_uint8
     from sanakit.inference import load_for_inference
     from sanakit.io.atomic import atomic_write_text
@@ -268,6 +267,7 @@ def cmd_eval(args: list[str]) -> int:
     if inf.cfg.data.type != "shapes":
         raise SanakitError("sanakit eval scores the built-in shapes model only (data.type=shapes)")
     scales = scales or [1.0, inf.cfg.train.cfg_scale]
+    out = out or check_out_file(inf.checkpoint.parent.parent / "eval.json", "the eval report")
 
     def sample_fn(captions: list[str], cfg_scale: float, seed: int):
         images = inf.generate(
@@ -284,7 +284,6 @@ def cmd_eval(args: list[str]) -> int:
     )
     report["checkpoint"] = str(inf.checkpoint)
     report["weights"] = "ema" if opts.ema else "model"
-    out = Path(opts.out) if opts.out else inf.checkpoint.parent.parent / "eval.json"
     atomic_write_text(out, json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {out}")
