@@ -145,14 +145,15 @@ def sample_parser(prog: str = "sanakit sample") -> OneLineParser:
 
 def check_out_file(out: Path, flag: str, suffix: str | None = None) -> Path:
     """An output file that can be written: checked before any work, not after it."""
+    what = f"{flag}={out}" if flag.startswith("--") else f"{flag} {out}"
     if suffix and out.suffix.lower() != suffix:
-        raise SanakitError(f"{flag}={out} must end in {suffix}")
+        raise SanakitError(f"{what} must end in {suffix}")
     if out.is_dir():
-        raise SanakitError(f"{flag}={out} is a directory; give a file path")
+        raise SanakitError(f"{what} is a directory; give a file path")
     parent = out.parent
     blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise SanakitError(f"{flag}={out} cannot be written: {blocker} is a file, not a directory")
+        raise SanakitError(f"{what} cannot be written: {blocker} is a file, not a directory")
     if not parent.exists():
         raise SanakitError(f"{flag} directory {parent} does not exist; create it first")
     return out
