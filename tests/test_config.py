@@ -219,3 +219,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_configs_dir_is_the_packaged_one():
     assert (REPO / "configs").resolve() == packaged_config_path().parent.resolve()
+
+
+def test_max_length_floor_is_the_encoders_floor():
+    from sanakit.models.text.base import MIN_MAX_LENGTH
+
+    load_config(None, [f"--text_encoder.max_length={MIN_MAX_LENGTH}"])
+    with pytest.raises(ConfigError, match="text_encoder.max_length"):
+        load_config(None, [f"--text_encoder.max_length={MIN_MAX_LENGTH - 1}"])
