@@ -198,6 +198,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [pytest.param(k, id=k.id, marks=k.marks) for k in CASES])
 def test_bad_input(case: Case, tiny_work_dir: Path, tmp_path: Path) -> None:
     wd = tmp_path / "work"
@@ -231,6 +232,7 @@ def test_bad_input(case: Case, tiny_work_dir: Path, tmp_path: Path) -> None:
     print(f"{case.id}: {seconds:.2f} s")
 
 
+@pytest.mark.slow
 def test_overlong_prompt_is_truncated_with_a_warning_not_an_error(
     tiny_work_dir: Path, tmp_path: Path
 ) -> None:

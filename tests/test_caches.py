@@ -341,6 +341,7 @@ def latent_args(work: Path, folder: Path, vae: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_cache_build_and_verify_exit_codes(tmp_path, folder, dcae_dir, capsys):
     args = latent_args(tmp_path, folder, dcae_dir) + ["--data.random_flip=true"]
     cache = tmp_path / "cache"
@@ -385,6 +386,7 @@ def test_cache_build_and_verify_exit_codes(tmp_path, folder, dcae_dir, capsys):
     assert err.count("error: ") == 3 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_resumed_run_with_readwrite_cache_equals_an_uninterrupted_one(tmp_path, folder, dcae_dir):
     """8 images, batch 4: epoch 2 (steps 3-4) reads every entry epoch 1 wrote."""
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"

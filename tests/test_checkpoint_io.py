@@ -172,6 +172,7 @@ def test_atomic_write_failure_leaves_target_untouched(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.bin"]
 
 
+@pytest.mark.slow
 def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
     """Killed mid-write, the target is absent or exactly one complete version; never partial."""
     side = tmp_path / "side.bin"
@@ -461,6 +462,7 @@ def test_has_room(tmp_path: Path) -> None:
     assert not ok
 
 
+@pytest.mark.slow
 def test_checkpoint_writer_survives_sigkill(tmp_path: Path) -> None:
     """SIGKILL a real writer at random moments; recovery is always exact and monotonic."""
     d = tmp_path / "checkpoints"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from sanakit.config import (
+    CacheMode,
     Config,
+    VaeType,
     from_yaml_text,
     load_config,
     packaged_config_path,
@@ -84,6 +87,20 @@ def test_yaml_file_then_overrides(tmp_path):
         ("--train.cfg_scale=-1", ["train.cfg_scale", ">= 0"]),
         ("--train.sampler=ddim", ["train.sampler", "flow_euler"]),
         ("--model.image_size=33", ["model.image_size", "patch_size"]),
+        ("--text_encoder.max_length=1", ["text_encoder.max_length", ">= 2"]),
+        ("--vae.type=vqgan", ["vae.type", "pixel, dc-ae, sd-vae"]),
+        ("--train.lr=nan", ["train.lr", "finite"]),
+        ("--train.lr=.inf", ["train.lr", "finite"]),
+        ("--vae.scaling_factor=-.inf", ["vae.scaling_factor", "finite"]),
+        ("--model.mlp_ratio=0", ["model.mlp_ratio", "> 0"]),
+        ("--model.num_cross_attention_heads=0", ["model.num_cross_attention_heads", "> 0"]),
+        ("--model.cross_attention_head_dim=-2", ["model.cross_attention_head_dim", "> 0"]),
+        ("--data.num_workers=-1", ["data.num_workers", ">= 0"]),
+        ("--data.max_samples=-5", ["data.max_samples", ">= 0"]),
+        ("--seed=18446744073709551616", ["seed", "4294967295"]),
+        ("--seed=-1", ["seed", "range"]),
+        ("--work_dir", ["--work_dir", "no value"]),
+        ("--train.validation_prompts=[&a x, *a]", ["anchor or alias"]),
     ],
 )
 def test_bad_overrides_name_the_key(override, words):
@@ -94,6 +111,42 @@ def test_bad_overrides_name_the_key(override, words):
     for word in words:
         assert word in message
     assert err.value.exit_code == 2
+
+
+def test_choices_are_enums_that_compare_as_text(tmp_path):
+    cfg = load_config(None, ["--vae.type=dc-ae", "--vae.name_or_path=x", "--model.image_size=64"])
+    assert cfg.vae.type is VaeType.DC_AE and cfg.vae.type == "dc-ae"
+    assert f"{cfg.vae.type}" == "dc-ae" and "vae.type=dc-ae" in f"vae.type={cfg.vae.type}"
+    assert "type: dc-ae" in to_yaml(cfg) and to_dict(cfg)["vae"]["type"] == "dc-ae"
+    assert type(to_dict(cfg)["vae"]["type"]) is str  # plain text in YAML and JSON
+    # YAML 1.1 reads a bare `off` / `no` as false: they still mean the choice spelled so
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  cache_mode: off\n  mixed_precision: no\n")
+    cfg = load_config(path)
+    assert cfg.train.cache_mode is CacheMode.OFF and cfg.train.mixed_precision == "no"
+    assert load_config(None, ["--name=1e-4"]).name == "1e-4"  # text stays text
+
+
+def test_dry_run_is_not_part_of_the_config_but_old_saved_configs_still_load():
+    assert "dry_run" not in to_dict(Config())["train"]
+    with pytest.raises(ConfigError, match="train.dry_run"):
+        load_config(None, ["--train.dry_run=true"])
+    saved = to_yaml(Config()).replace("train:\n", "train:\n  dry_run: false\n")
+    assert "dry_run" in saved and from_yaml_text(saved) == Config()
+
+
+def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path):
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "train:\n  validation_prompts: [" + ", ".join(levels) + "]\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="anchor or alias") as err:
+        load_config(path)
+    assert str(path) in str(err.value) and time.monotonic() - started < 1.0
+    with pytest.raises(ConfigError, match="anchor or alias"):
+        from_yaml_text("work_dir: &w x\nname: *w\n")
 
 
 def test_unknown_key_in_yaml_names_the_full_dotted_key(tmp_path):
@@ -161,5 +214,16 @@ def test_sana_configs_build_on_the_meta_device(name):
     assert model.config.sample_size == cfg.model.image_size // 32
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def test_configs_dir_is_the_packaged_one():
-    assert Path("configs").resolve() == packaged_config_path().parent.resolve()
+    assert (REPO / "configs").resolve() == packaged_config_path().parent.resolve()
+
+
+def test_max_length_floor_is_the_encoders_floor():
+    from sanakit.models.text.base import MIN_MAX_LENGTH
+
+    load_config(None, [f"--text_encoder.max_length={MIN_MAX_LENGTH}"])
+    with pytest.raises(ConfigError, match="text_encoder.max_length"):
+        load_config(None, [f"--text_encoder.max_length={MIN_MAX_LENGTH - 1}"])

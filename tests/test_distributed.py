@@ -55,6 +55,7 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path):
     """Same samples, sigmas, noise and dropout per global batch; only the all-reduce order
     differs. Tolerance: losses within 1e-6 relative; weights within 1e-4 absolute, a tenth of
@@ -69,6 +70,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path
     assert diff < 1e-4, diff
 
 
+@pytest.mark.slow
 def test_two_rank_stop_and_resume_is_exact(two_ranks, tmp_path):
     torchrun(tmp_path, "--train.train_batch_size=4", "--train.max_steps=3")
     out = torchrun(tmp_path, "--train.train_batch_size=4", "--train.max_steps=8")
@@ -88,6 +90,7 @@ def test_two_rank_stop_and_resume_is_exact(two_ranks, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_resume_on_one_rank_with_the_same_global_batch_reshards(two_ranks, tmp_path):
     torchrun(tmp_path, "--train.train_batch_size=4", "--train.max_steps=3")
     result = one_process(tmp_path, "--train.max_steps=8")
@@ -95,6 +98,7 @@ def test_resume_on_one_rank_with_the_same_global_batch_reshards(two_ranks, tmp_p
     assert losses(tmp_path) == pytest.approx(losses(two_ranks), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_with_another_global_batch_stops_with_one_line(two_ranks, tmp_path):
     torchrun(tmp_path, "--train.train_batch_size=4", "--train.max_steps=2")
     result = run_sanakit(
@@ -108,6 +112,7 @@ def test_resume_with_another_global_batch_stops_with_one_line(two_ranks, tmp_pat
     assert "global batch" in the_error_line(result)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_all_ranks_at_one_step(tmp_path):
     proc = start_sanakit(
         "train",
@@ -131,6 +136,7 @@ def test_sigterm_to_the_launcher_stops_all_ranks_at_one_step(tmp_path):
     assert samplers[0] == samplers[1]  # one consistent position: both ranks stopped together
 
 
+@pytest.mark.slow
 def test_concurrent_builders_share_one_null_embedding_build(tmp_path):
     """Two unrelated processes (no barrier, e.g. two runs sharing null_embed_root) race for the
     same artifact: the file lock makes exactly one build and the other load a complete file."""
@@ -158,6 +164,7 @@ def test_concurrent_builders_share_one_null_embedding_build(tmp_path):
     assert statuses == ["built", "loaded"]
 
 
+@pytest.mark.slow
 def test_a_rank_whose_whole_share_is_unreadable_keeps_step_with_the_others(tmp_path):
     """Batch 1 per rank and a corrupt image: some rank gets nothing readable for a micro-batch.
     It must still take part in the gradient all-reduce (zero-weight stand-in). Skipping it

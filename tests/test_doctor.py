@@ -88,6 +88,7 @@ def failing(lines: dict[str, str]) -> dict[str, str]:
 # ---- the default config -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_doctor_passes_on_the_default_config_quickly_and_leaves_no_trace(tmp_path: Path) -> None:
     started = time.monotonic()
     done = run_sanakit("doctor", cwd=str(tmp_path))  # default work_dir work/shapes, below cwd
@@ -102,6 +103,7 @@ def test_doctor_passes_on_the_default_config_quickly_and_leaves_no_trace(tmp_pat
     print(f"doctor on the default config: {seconds:.1f} s\n{done.stdout}")
 
 
+@pytest.mark.slow
 def test_doctor_on_a_real_checkpoint_passes_and_writes_nothing(work: Path, capsys) -> None:
     before = snapshot(work)
     code, lines = doctor(capsys, f"--work_dir={work}", *TINY)
@@ -166,6 +168,7 @@ def test_fail_unwritable_null_embed_root(tmp_path: Path, capsys) -> None:
     assert f"{afile}/null" in lines["null_embedding"]
 
 
+@pytest.mark.slow
 def test_fail_corrupt_resume_target(work: Path, capsys) -> None:
     model = work / CKPT / "model.safetensors"
     model.write_bytes(model.read_bytes()[:1000])  # a torn write
@@ -178,6 +181,7 @@ def test_fail_corrupt_resume_target(work: Path, capsys) -> None:
     assert code == 0 and lines["resume"].startswith("WARN") and "starts fresh" in lines["resume"]
 
 
+@pytest.mark.slow
 def test_fail_encoder_changed_since_the_checkpoint(work: Path, capsys) -> None:
     code, lines = doctor(capsys, f"--work_dir={work}", *TINY, "--text_encoder.max_length=8")
     assert code == 1
@@ -195,6 +199,7 @@ def test_fail_encoder_changed_since_the_checkpoint(work: Path, capsys) -> None:
     assert code == 0 and lines["null_embed_provenance"].startswith("WARN")
 
 
+@pytest.mark.slow
 def test_fail_world_size_changes_the_global_batch(work: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, lines = doctor(capsys, f"--work_dir={work}", *TINY)
@@ -208,6 +213,7 @@ def test_fail_world_size_changes_the_global_batch(work: Path, capsys, monkeypatc
     assert code == 0 and lines["distributed"].startswith("WARN")
 
 
+@pytest.mark.slow
 def test_fail_model_settings_differ_from_the_checkpoint(work: Path, capsys) -> None:
     code, lines = doctor(capsys, f"--work_dir={work}", *TINY, "--model.num_layers=2")
     assert code == 1
@@ -270,6 +276,7 @@ def test_fail_config_that_does_not_resolve(capsys) -> None:
 # ---- train's preflight --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_preflight_prints_doctor_lines_and_refuses_on_a_fail(work: Path, capsys) -> None:
     cfg = load_config(None, [f"--work_dir={work}", *TINY])
     checks = preflight(cfg)
@@ -322,6 +329,7 @@ def test_one_resume_resolver_doctor_reads_train_recovers(work: Path, caplog) -> 
 # ---- the dry run --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dry_run_on_the_default_config(tmp_path: Path) -> None:
     user_dir = tmp_path / "user_work"
     scratch = tmp_path / "tmp"
@@ -341,6 +349,7 @@ def test_dry_run_on_the_default_config(tmp_path: Path) -> None:
     print(f"dry run on the default config: {seconds:.1f} s\n{done.stdout}")
 
 
+@pytest.mark.slow
 def test_dry_run_override_form_and_single_process_only(tmp_path: Path) -> None:
     done = run_sanakit(
         "train",

@@ -65,6 +65,7 @@ def pixel_run(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_exported_pipeline_matches_sanakit_sampling(latent_run: Path, latent_export: Path) -> None:
     from diffusers import SanaPipeline
 
@@ -119,6 +120,7 @@ def test_exported_pipeline_matches_sanakit_sampling(latent_run: Path, latent_exp
     assert float((theirs[0] - theirs[1]).abs().max()) > 1e-2
 
 
+@pytest.mark.slow
 def test_export_ema_selects_ema_weights(latent_run: Path, tmp_path: Path) -> None:
     from sanakit.export import export_checkpoint
 
@@ -136,6 +138,7 @@ def test_export_ema_selects_ema_weights(latent_run: Path, tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["ema_export"]  # no temp sibling left
 
 
+@pytest.mark.slow
 def test_export_pixel_model_layout_and_notice(pixel_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "pixel_export"
     r = run_sanakit("export", str(pixel_run), str(out))
@@ -168,6 +171,7 @@ def test_export_pixel_model_layout_and_notice(pixel_run: Path, tmp_path: Path) -
     assert "SanaPipeline cannot run this model (vae.type=pixel" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_export_destination_and_checkpoint_errors(pixel_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "busy"
     out.mkdir()
@@ -185,6 +189,7 @@ def test_export_destination_and_checkpoint_errors(pixel_run: Path, tmp_path: Pat
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_no_half_folder(pixel_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = cli_env(SANAKIT_TEST_SLOW_WRITE="60")  # pause after writing, before the rename
@@ -229,6 +234,7 @@ def _diffusers_transformer(work: Path, overrides: list[str], dest: Path, seed: i
     return dest
 
 
+@pytest.mark.slow
 def test_load_from_diffusers_transformer_folder(tmp_path: Path) -> None:
     work = tmp_path / "ft"
     args = [*FAST, "--train.max_steps=1", "--train.lr=0.0"]
@@ -244,6 +250,7 @@ def test_load_from_diffusers_transformer_folder(tmp_path: Path) -> None:
     assert all(torch.equal(trained[k], pretrained[k]) for k in trained)
 
 
+@pytest.mark.slow
 def test_load_from_shape_mismatch_is_one_line_error(tmp_path: Path) -> None:
     work = tmp_path / "ft"
     args = [*FAST, "--train.max_steps=1"]

@@ -110,6 +110,7 @@ def assert_close_run(work: Path, reference: Path) -> None:
         assert diff < 1e-4, (name, diff)
 
 
+@pytest.mark.slow
 def test_two_fsdp_ranks_equal_one_process_with_the_same_global_batch(fsdp_run, single_run):
     work, _ = fsdp_run
     assert_close_run(work, single_run)
@@ -125,6 +126,7 @@ def test_two_fsdp_ranks_equal_one_process_with_the_same_global_batch(fsdp_run, s
         assert torch.equal(a["state"][index]["step"], values["step"])
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_across_the_ranks(fsdp_run):
     work, stderr = fsdp_run
     line = next(row for row in stderr.splitlines() if "sharded over 2 ranks" in row)
@@ -138,6 +140,7 @@ def test_parameters_are_sharded_across_the_ranks(fsdp_run):
     assert all(mine < 0.6 * full for mine, _ in counts), counts  # about half each
 
 
+@pytest.mark.slow
 def test_fsdp_stop_and_resume_is_exact(fsdp_run, fsdp_stopped_at_3, tmp_path):
     """Bit-exact: a resumed rank gets exactly its slices back (checkpoints hold full tensors,
     re-cut the same way) plus its RNG and sampler state; gloo reduces deterministically."""
@@ -151,6 +154,7 @@ def test_fsdp_stop_and_resume_is_exact(fsdp_run, fsdp_stopped_at_3, tmp_path):
         assert a == (checkpoint_dir(reference, STEPS) / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, fsdp_stopped_at_3, tmp_path):
     reference, _ = fsdp_run
     work = copy_work(fsdp_stopped_at_3, tmp_path / "w", keep_step=3)
@@ -159,6 +163,7 @@ def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, fsdp_stopped_at_3, tmp
     assert_close_run(work, reference)
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_fsdp(fsdp_run, single_run, tmp_path):
     reference, _ = fsdp_run
     work = copy_work(single_run, tmp_path / "w", keep_step=3)
@@ -168,6 +173,7 @@ def test_one_process_checkpoint_resumes_under_fsdp(fsdp_run, single_run, tmp_pat
     assert_close_run(work, reference)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_samples_in_one_process(fsdp_run, tmp_path):
     work, _ = fsdp_run
     out = tmp_path / "grid.png"

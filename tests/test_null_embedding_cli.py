@@ -53,6 +53,7 @@ def resume_copy(first_run: Path, tmp_path: Path) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_a_debug_without_visualize_resumes(first_run, tmp_path):
     work = resume_copy(first_run, tmp_path)
     out = train(work, *SANA_216, "--train.max_steps=6")
@@ -69,6 +70,7 @@ def test_a_debug_without_visualize_resumes(first_run, tmp_path):
     assert any(t.startswith("loss_by_sigma/") for t in events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_b_external_file_deleted_between_runs(first_run, tmp_path):
     work = resume_copy(first_run, tmp_path)
     (work / "pretrained_models" / NULL_NAME).unlink()
@@ -78,6 +80,7 @@ def test_b_external_file_deleted_between_runs(first_run, tmp_path):
     assert (work / "pretrained_models" / NULL_NAME).is_file()
 
 
+@pytest.mark.slow
 def test_c_external_file_truncated(first_run, tmp_path):
     work = resume_copy(first_run, tmp_path)
     path = work / "pretrained_models" / NULL_NAME
@@ -90,6 +93,7 @@ def test_c_external_file_truncated(first_run, tmp_path):
     assert torch.load(path, weights_only=True)["uncond_prompt_embeds"].shape == (1, 8, 384)
 
 
+@pytest.mark.slow
 def test_d_external_file_from_another_max_length(first_run, tmp_path):
     work = resume_copy(first_run, tmp_path)
     path = work / "pretrained_models" / NULL_NAME
@@ -102,6 +106,7 @@ def test_d_external_file_from_another_max_length(first_run, tmp_path):
     assert len(losses(work)) == 6
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_encoder_length_stops_with_both_provenances(first_run, tmp_path):
     work = resume_copy(first_run, tmp_path)
     result = run_sanakit(
@@ -117,6 +122,7 @@ def test_checkpoint_from_another_encoder_length_stops_with_both_provenances(firs
     assert "max_length=8" in error and "max_length=12" in error
 
 
+@pytest.mark.slow
 def test_debug_run_writes_the_same_artifacts_as_a_normal_run(first_run, tmp_path):
     """--debug changes observability only: same null embedding, same checkpoints, same weights."""
     normal = tmp_path / "normal"
@@ -145,6 +151,7 @@ def test_debug_run_writes_the_same_artifacts_as_a_normal_run(first_run, tmp_path
     assert losses(normal) == losses(first_run)
 
 
+@pytest.mark.slow
 def test_e_two_processes_on_a_fresh_work_dir_build_it_once(tmp_path):
     work = tmp_path / "work"
     result = run_launched(

@@ -54,6 +54,7 @@ def same_bytes(a: Path, b: Path) -> bool:
     return a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [3, 5, 8])
 def test_stop_at_k_and_resume_is_bit_identical(reference, tmp_path, k):
     """k=3 and 8 stop mid-epoch; k=5 exactly at an epoch boundary."""
@@ -68,6 +69,7 @@ def test_stop_at_k_and_resume_is_bit_identical(reference, tmp_path, k):
         ), name
 
 
+@pytest.mark.slow
 def test_truncated_file_in_newest_checkpoint_falls_back_with_a_warning(reference, tmp_path):
     work = tmp_path / "w"
     train(work, "--train.max_steps=4", "--train.save_model_steps=2")
@@ -83,6 +85,7 @@ def test_truncated_file_in_newest_checkpoint_falls_back_with_a_warning(reference
     assert any("corrupt" in p.name for p in kept), kept
 
 
+@pytest.mark.slow
 def test_explicit_resume_from_a_corrupt_checkpoint_is_an_error(tmp_path):
     train(tmp_path, "--train.max_steps=2", "--train.save_model_steps=2")
     ckpt = checkpoint_dir(tmp_path, 2)
@@ -92,6 +95,7 @@ def test_explicit_resume_from_a_corrupt_checkpoint_is_an_error(tmp_path):
     assert str(ckpt) in the_error_line(result)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     proc = start_sanakit("train", f"--work_dir={tmp_path}", *RESUME, "--train.max_steps=100000")
     wait_for_steps(proc, tmp_path, 3)  # real training progress, not just start-up
@@ -107,6 +111,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     assert len(losses(tmp_path)) == step
 
 
+@pytest.mark.slow
 def test_kill_9_loop_then_the_final_run_equals_an_uninterrupted_one(tmp_path):
     """At least 10 SIGKILLs at random moments, many inside checkpoint writes (slowed down by
     the test-only SANAKIT_TEST_SLOW_WRITE), then one run to the end."""
@@ -153,6 +158,7 @@ def test_kill_9_loop_then_the_final_run_equals_an_uninterrupted_one(tmp_path):
     assert leftovers == [], leftovers
 
 
+@pytest.mark.slow
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     train(
         tmp_path,
@@ -164,6 +170,7 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert names == ["step_00000005", "step_00000006"]
 
 
+@pytest.mark.slow
 def test_copying_a_work_dir_elsewhere_still_resumes(reference, tmp_path):
     """Checkpoints carry everything: config, null embedding, RNG — nothing outside is needed."""
     work = tmp_path / "moved"

@@ -37,6 +37,7 @@ def sample(work, out, *extra):
     return out
 
 
+@pytest.mark.slow
 def test_same_seed_same_png_bytes_other_seed_differs(trained, tmp_path):
     a = sample(trained, tmp_path / "a.png", "--seed=7").read_bytes()
     b = sample(trained, tmp_path / "b.png", "--seed=7").read_bytes()
@@ -47,6 +48,7 @@ def test_same_seed_same_png_bytes_other_seed_differs(trained, tmp_path):
     assert grid.shape == (2 * 16 + 2, 3 * 16 + 2 * 2, 3)
 
 
+@pytest.mark.slow
 def test_euler_sampler_and_ema_weights_give_other_images(trained, tmp_path):
     base = sample(trained, tmp_path / "base.png").read_bytes()
     euler = sample(trained, tmp_path / "euler.png", "--sampler=flow_euler").read_bytes()
@@ -54,6 +56,7 @@ def test_euler_sampler_and_ema_weights_give_other_images(trained, tmp_path):
     assert len({base, euler, ema}) == 3
 
 
+@pytest.mark.slow
 def test_eval_writes_a_report(trained, tmp_path):
     out = tmp_path / "eval.json"
     result = run_sanakit(
@@ -95,3 +98,42 @@ def test_cfg_runs_both_branches_in_one_batch_and_combines_them():
     # one Euler step from sigma 1 to 0: x = noise - v; v = uncond + 3 (cond - uncond) = 6 vs 2
     assert torch.allclose(guided, torch.full_like(guided, -6.0))
     assert torch.allclose(plain, torch.full_like(plain, -2.0))
+
+
+@pytest.mark.slow
+def test_batched_grid_is_one_noise_draw_in_slices(trained):
+    """Up to MAX_BATCH images: exactly the single-call bytes of earlier versions. More: the same
+    noise rows in consecutive slices, deterministic, equal to one big call up to rounding."""
+    from sanakit.inference import load_for_inference, sample_grid
+    from sanakit.sampling import to_uint8_grid
+
+    inf = load_for_inference(trained)
+    prompts, kw = (
+        ["a red circle", "a blue square"],
+        dict(cfg_scale=4.5, steps=3, sampler="flow_euler"),
+    )
+    one_call = to_uint8_grid(inf.generate([p for p in prompts for _ in range(3)], seed=5, **kw), 3)
+    whole = sample_grid(inf, prompts, 3, seed=5, **kw)
+    assert np.array_equal(whole, one_call.numpy())
+    sliced = sample_grid(inf, prompts, 3, seed=5, batch_size=4, **kw)
+    assert np.array_equal(sliced, sample_grid(inf, prompts, 3, seed=5, batch_size=4, **kw))
+    assert np.abs(sliced.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_absurd_requests_are_refused_before_sampling():
+    from sanakit.errors import SanakitError
+    from sanakit.inference import MAX_IMAGES, check_request
+
+    check_request(2, MAX_IMAGES // 2, image_size=32)
+    with pytest.raises(SanakitError, match=str(MAX_IMAGES)):
+        check_request(1, MAX_IMAGES + 1)
+    with pytest.raises(SanakitError, match="megapixels"):
+        check_request(4, 64, image_size=1024)
+
+
+@pytest.mark.slow
+def test_a_request_over_several_batches_through_the_cli(trained, tmp_path):
+    a = sample(trained, tmp_path / "a.png", "--num_images=20", "--seed=3").read_bytes()
+    b = sample(trained, tmp_path / "b.png", "--num_images=20", "--seed=3").read_bytes()
+    assert a == b
+    assert np.asarray(Image.open(tmp_path / "a.png")).shape == (2 * 16 + 2, 20 * 18 - 2, 3)

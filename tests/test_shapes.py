@@ -6,7 +6,6 @@ import colorsys
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -133,11 +132,8 @@ def test_render_rejects_unknown_names_and_dataset_checks_indices() -> None:
     assert ds[-1]["id"] == "shapes/0/9"
 
 
-def test_getitem_is_fast() -> None:
+def test_getitem_renders_many_items() -> None:
+    # a speed bound lives in benchmarks/, not here: timings on a shared CI machine are noise
     ds = ShapesDataset(image_size=32)
-    ds[0]
-    start = time.perf_counter()
     for i in range(200):
-        ds[i]
-    per_item = (time.perf_counter() - start) / 200
-    assert per_item < 5e-3  # ~0.1 ms measured; loose bound for a loaded CI machine
+        assert ds[i]["pixels"].shape == (3, 32, 32)

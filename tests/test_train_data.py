@@ -42,6 +42,7 @@ def data_args(root) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_buckets_train_skip_bad_data_and_resume_exactly(mixed_folder, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     args = data_args(mixed_folder)
@@ -63,6 +64,7 @@ def test_buckets_train_skip_bad_data_and_resume_exactly(mixed_folder, tmp_path):
     ).read_bytes()
 
 
+@pytest.mark.slow
 def test_empty_dataset_and_missing_root_are_one_line_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

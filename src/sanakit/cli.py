@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -84,6 +85,26 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+DRY_RUN_FLAGS = ("--dry_run", "--dry-run", "--train.dry_run")  # the last: the older spelling
+FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True}
+FLAG_WORDS.update({"false": False, "no": False, "off": False, "0": False})
+
+
+def pop_dry_run(overrides: list[str]) -> tuple[bool, list[str]]:
+    """Take ``--dry_run[=BOOL]`` out of the overrides: a CLI flag, not part of the config."""
+    dry, rest = False, []
+    for arg in overrides:
+        flag, has_value, raw = arg.partition("=")
+        if flag not in DRY_RUN_FLAGS:
+            rest.append(arg)
+            continue
+        word = raw.strip("\"'").lower() if has_value else "true"
+        if word not in FLAG_WORDS:
+            raise SanakitError(f"{flag}={raw} must be true or false; write {flag} alone for true")
+        dry = FLAG_WORDS[word]
+    return dry, rest
+
+
 def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
@@ -91,9 +112,9 @@ def cmd_train(args: list[str]) -> int:
     from sanakit.config import load_config
 
     config, overrides = split_config_args(args)
-    overrides = ["--train.dry_run=true" if o == "--dry_run" else o for o in overrides]
+    dry, overrides = pop_dry_run(overrides)
     cfg = load_config(config, overrides)
-    if cfg.train.dry_run:
+    if dry:
         from sanakit.train.dry_run import dry_run
 
         return dry_run(cfg)
@@ -122,56 +143,104 @@ def sample_parser(prog: str = "sanakit sample") -> OneLineParser:
     return p
 
 
-def cmd_sample(args: list[str]) -> int:
-    opts = sample_parser().parse_args(args)
-    from sanakit.sampling import SAMPLERS
+def check_out_file(out: Path, flag: str, suffix: str | None = None) -> Path:
+    """An output file that can be written: checked before any work, not after it."""
+    what = f"{flag}={out}" if flag.startswith("--") else f"{flag} {out}"
+    if suffix and out.suffix.lower() != suffix:
+        raise SanakitError(f"{what} must end in {suffix}")
+    if out.is_dir():
+        raise SanakitError(f"{what} is a directory; give a file path")
+    parent = out.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise SanakitError(f"{what} cannot be written: {blocker} is a file, not a directory")
+    if not parent.exists():
+        raise SanakitError(f"{flag} directory {parent} does not exist; create it first")
+    return out
 
-    prompts = [p for p in opts.prompt]
+
+def check_guidance(value: float, flag: str) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise SanakitError(f"{flag}={value} must be a finite number >= 0")
+    return value
+
+
+def check_sampling_options(opts: argparse.Namespace) -> None:
+    """The options `sample` and `eval` share: sampler, steps, seed."""
+    from sanakit.config import Sampler, check_seed
+
+    if opts.sampler is not None and opts.sampler not in set(Sampler):
+        choices = ", ".join(s.value for s in Sampler)
+        raise SanakitError(f"unknown --sampler={opts.sampler}; use one of {choices}")
+    if opts.steps is not None and opts.steps <= 0:
+        raise SanakitError(f"--steps={opts.steps} must be > 0")
+    check_seed(opts.seed, "--seed")
+
+
+def check_sample_options(opts: argparse.Namespace) -> list[str]:
+    """Every `sample` option checked before the models load; returns the prompts."""
+    prompts = list(opts.prompt)
     if not prompts:
         raise SanakitError("no prompt given; pass --prompt=TEXT (repeat for several)")
     if any(not p.strip() for p in prompts):
         raise SanakitError("an empty --prompt was given; give each prompt some text")
-    if opts.sampler is not None and opts.sampler not in SAMPLERS:
-        raise SanakitError(f"unknown --sampler={opts.sampler}; use one of {', '.join(SAMPLERS)}")
-    if opts.cfg_scale is not None and opts.cfg_scale < 0:
-        raise SanakitError(f"--cfg_scale={opts.cfg_scale} must be >= 0")
-    if opts.steps is not None and opts.steps <= 0:
-        raise SanakitError(f"--steps={opts.steps} must be > 0")
+    check_sampling_options(opts)
+    if opts.cfg_scale is not None:
+        check_guidance(opts.cfg_scale, "--cfg_scale")
     if opts.num_images <= 0:
         raise SanakitError(f"--num_images={opts.num_images} must be > 0")
+    check_out_file(Path(opts.out), "--out", ".png")
+    return prompts
+
+
+def cmd_sample(args: list[str]) -> int:
+    opts = sample_parser().parse_args(args)
+    prompts = check_sample_options(opts)
     out = Path(opts.out)
-    if out.suffix.lower() != ".png":
-        raise SanakitError(f"--out={out} must end in .png")
-    if not out.parent.exists() and str(out.parent) not in ("", "."):
-        raise SanakitError(f"--out directory {out.parent} does not exist; create it first")
     from sanakit.io.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(opts.checkpoint)  # fail fast, before the heavy imports
     from PIL import Image
 
-    from sanakit.inference import load_for_inference
+    from sanakit.inference import check_request, load_for_inference, sample_grid
     from sanakit.io.atomic import atomic_write
-    from sanakit.sampling import to_uint8_grid
 
+    check_request(len(prompts), opts.num_images)
     inf = load_for_inference(
         checkpoint, ema=opts.ema, allow_encoder_change=opts.allow_encoder_change
     )
     t = inf.cfg.train
-    batch = [p for p in prompts for _ in range(opts.num_images)]
-    images = inf.generate(
-        batch,
+    grid = sample_grid(
+        inf,
+        prompts,
+        opts.num_images,
         cfg_scale=t.cfg_scale if opts.cfg_scale is None else opts.cfg_scale,
         steps=opts.steps or t.sampling_steps,
         sampler=opts.sampler or t.sampler,
         seed=opts.seed,
     )
-    grid = to_uint8_grid(images, nrow=opts.num_images)
-    atomic_write(out, lambda tmp: Image.fromarray(grid.numpy()).save(tmp, format="PNG"))
+    atomic_write(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     print(f"wrote {out} ({len(prompts)} prompt(s) x {opts.num_images} image(s))")
     return 0
 
 
-def cmd_eval(args: list[str]) -> int:
+def parse_cfg_scales(text: str) -> list[float]:
+    """``--cfg_scales="[1.0,4.5]"``: a non-empty list of finite numbers >= 0."""
+    from sanakit.config import load_yaml
+
+    wrong = SanakitError(f"--cfg_scales={text} must be a list like [1.0,4.5]")
+    try:
+        scales = load_yaml(text, "--cfg_scales")
+    except SanakitError:
+        raise wrong from None
+    if not isinstance(scales, list) or not scales:
+        raise wrong
+    if not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scales):
+        raise wrong
+    return [check_guidance(float(s), "--cfg_scales") for s in scales]
+
+
+def eval_parser() -> OneLineParser:
     p = OneLineParser(prog="sanakit eval", description="Colour/shape adherence of a shapes model.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--samples_per_prompt", type=int, default=8)
@@ -181,9 +250,16 @@ def cmd_eval(args: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action="store_true")
     p.add_argument("--out", default=None, help="JSON report (default: WORK_DIR/eval.json)")
-    opts = p.parse_args(args)
-    import yaml
+    return p
 
+
+def cmd_eval(args: list[str]) -> int:
+    opts = eval_parser().parse_args(args)
+    check_sampling_options(opts)
+    if opts.samples_per_prompt <= 0:
+        raise SanakitError(f"--samples_per_prompt={opts.samples_per_prompt} must be > 0")
+    scales = parse_cfg_scales(opts.cfg_scales) if opts.cfg_scales is not None else None
+    out = check_out_file(Path(opts.out), "--out") if opts.out else None
     from sanakit.evaluate import evaluate, format_table, to_uint8
     from sanakit.inference import load_for_inference
     from sanakit.io.atomic import atomic_write_text
@@ -191,9 +267,8 @@ def cmd_eval(args: list[str]) -> int:
     inf = load_for_inference(opts.checkpoint, ema=opts.ema)
     if inf.cfg.data.type != "shapes":
         raise SanakitError("sanakit eval scores the built-in shapes model only (data.type=shapes)")
-    scales = yaml.safe_load(opts.cfg_scales) if opts.cfg_scales else [1.0, inf.cfg.train.cfg_scale]
-    if not isinstance(scales, list) or not all(isinstance(s, int | float) for s in scales):
-        raise SanakitError(f"--cfg_scales={opts.cfg_scales} must be a list like [1.0,4.5]")
+    scales = scales or [1.0, inf.cfg.train.cfg_scale]
+    out = out or check_out_file(inf.checkpoint.parent.parent / "eval.json", "the eval report")
 
     def sample_fn(captions: list[str], cfg_scale: float, seed: int):
         images = inf.generate(
@@ -210,7 +285,6 @@ def cmd_eval(args: list[str]) -> int:
     )
     report["checkpoint"] = str(inf.checkpoint)
     report["weights"] = "ema" if opts.ema else "model"
-    out = Path(opts.out) if opts.out else inf.checkpoint.parent.parent / "eval.json"
     atomic_write_text(out, json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {out}")

@@ -7,20 +7,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from sanakit.config import Config, from_yaml_text
 from sanakit.embeddings.captions import CaptionEncoder
-from sanakit.errors import CheckpointError
+from sanakit.errors import CheckpointError, SanakitError
 from sanakit.io.checkpoint import resolve_checkpoint
 from sanakit.models.text.null_embedding import NullEmbedding, check_matches_checkpoint
-from sanakit.sampling import sample_latents
+from sanakit.sampling import sample_latents, to_uint8_grid
 from sanakit.train.components import autocast_dtype, build_models, latent_shape
 from sanakit.train.state import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_null_embedding
 
 log = logging.getLogger("sanakit")
 MEMO_CAPACITY = 4096  # prompts kept by Inference.encode_prompts
+MAX_BATCH = 16  # images per model call in sample_grid: bounds peak memory whatever the request
+MAX_IMAGES = 1024  # images per sample_grid call
+MAX_GRID_PIXELS = 2**27  # ~400 MB as uint8 RGB: 128 images of 1024 px
+GAP = 2  # px between grid tiles, as in sampling.to_uint8_grid
 
 
 @dataclass
@@ -92,7 +97,7 @@ def load_for_inference(
     allow_encoder_change: bool = False,
 ) -> Inference:
     path = resolve_checkpoint(checkpoint)
-    cfg = from_yaml_text((path / CONFIG_FILE).read_text())
+    cfg = from_yaml_text((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = build_models(cfg, device)
     weights = load_file(str(path / (EMA_FILE if ema else MODEL_FILE)))
@@ -109,3 +114,70 @@ def load_for_inference(
     null = null.to(device, models.text_encoder.dtype)
     log.info("loaded %s weights from %s", "EMA" if ema else "model", path)
     return Inference(cfg, path, models, null, CaptionEncoder(models.text_encoder), device)
+
+
+def check_request(num_prompts: int, per_prompt: int, image_size: int | None = None) -> None:
+    """Refuse a grid too large to hold (checked before any sampling)."""
+    total = num_prompts * per_prompt
+    if total <= 0:
+        raise SanakitError("nothing to sample: give at least one prompt and one image")
+    if total > MAX_IMAGES:
+        raise SanakitError(
+            f"{num_prompts} prompt(s) x --num_images={per_prompt} is {total} images; "
+            f"sample at most {MAX_IMAGES} per call"
+        )
+    if image_size is not None:
+        pixels = (num_prompts * (image_size + GAP) - GAP) * (per_prompt * (image_size + GAP) - GAP)
+        if pixels > MAX_GRID_PIXELS:
+            raise SanakitError(
+                f"a grid of {num_prompts} x {per_prompt} images of {image_size} px is "
+                f"{pixels / 1e6:.0f} megapixels (at most {MAX_GRID_PIXELS / 1e6:.0f}); ask for "
+                "fewer --num_images or prompts"
+            )
+
+
+def sample_grid(
+    inf: Inference,
+    prompts: list[str],
+    per_prompt: int,
+    *,
+    cfg_scale: float,
+    steps: int,
+    sampler: str,
+    seed: int,
+    batch_size: int = MAX_BATCH,
+) -> np.ndarray:
+    """One uint8 [H', W', 3] grid: a row per prompt of ``per_prompt`` images, 2 px gaps.
+
+    Image i (prompt-major) is denoised from row i of ONE noise draw seeded by ``seed``, whatever
+    the batching: a request of at most ``batch_size`` images is one model call (the bytes of
+    earlier versions), a larger one runs consecutive slices of that draw. Each slice goes into
+    the uint8 grid as it finishes, so peak memory is the grid plus one batch.
+    """
+    check_request(len(prompts), per_prompt, inf.cfg.model.image_size)
+    batch = [p for p in prompts for _ in range(per_prompt)]
+    inf.encode_prompts(list(dict.fromkeys(batch)))  # every prompt in one encoder call
+    shape = latent_shape(inf.cfg, inf.models.autoencoder)
+    noise = torch.randn((len(batch), *shape), generator=torch.Generator().manual_seed(seed))
+    gap_value = to_uint8_grid(torch.zeros(1, 3, 1, 1), 1)[0, 0, 0].item()
+    grid: np.ndarray | None = None
+    for start in range(0, len(batch), batch_size):
+        images = inf.generate(
+            batch[start : start + batch_size],
+            cfg_scale=cfg_scale,
+            steps=steps,
+            sampler=sampler,
+            seed=seed,
+            noise=noise[start : start + batch_size],
+        )
+        for k, image in enumerate(images):
+            tile = to_uint8_grid(image[None], 1).numpy()
+            h, w = tile.shape[:2]
+            if grid is None:
+                size = (len(prompts) * (h + GAP) - GAP, per_prompt * (w + GAP) - GAP, 3)
+                grid = np.full(size, gap_value, dtype=np.uint8)
+            row, col = divmod(start + k, per_prompt)
+            grid[row * (h + GAP) : row * (h + GAP) + h, col * (w + GAP) : col * (w + GAP) + w] = (
+                tile
+            )
+    return grid  # type: ignore[return-value]  # check_request: at least one image

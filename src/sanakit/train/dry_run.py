@@ -71,7 +71,6 @@ def dry_run_configs(cfg: Config, root: Path) -> tuple[Config, Config, Config]:
     base = copy.deepcopy(cfg)
     base.train = replace(
         base.train,
-        dry_run=False,
         visualize=False,  # has its own generator: never changes training, costs seconds
         log_interval=1,
         save_model_steps=STEPS,  # the only mid-run save is the SPLIT run's final one
