@@ -86,8 +86,11 @@ write_payload = _ns["write_payload"]
 # Writer loop for the kill test: resumes from find_latest like a real run, re-saves the latest
 # step every third iteration (exercising replacement), rotates to 3, and atomically rewrites a
 # side file. argv: checkpoints_dir, side_file, iterations (0 = forever).
-WRITER_SRC = SLOW + PAYLOAD_SRC + textwrap.dedent(
-    """
+WRITER_SRC = (
+    SLOW
+    + PAYLOAD_SRC
+    + textwrap.dedent(
+        """
     import sys
     from pathlib import Path
     from sanakit.io.atomic import atomic_write_bytes
@@ -108,6 +111,7 @@ WRITER_SRC = SLOW + PAYLOAD_SRC + textwrap.dedent(
         rotate(d, 3, path)
         atomic_write_bytes(side, blob(step))
     """
+    )
 )
 
 
@@ -180,8 +184,11 @@ def test_atomic_write_failure_leaves_target_untouched(tmp_path: Path) -> None:
 def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
     """Killed mid-write, the target is absent or exactly one complete version; never partial."""
     side = tmp_path / "side.bin"
-    script = SLOW + PAYLOAD_SRC + textwrap.dedent(
-        """
+    script = (
+        SLOW
+        + PAYLOAD_SRC
+        + textwrap.dedent(
+            """
         import sys
         import time
         from pathlib import Path
@@ -202,6 +209,7 @@ def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
             k += 1
             atomic_write(Path(sys.argv[1]), slow_writer(blob(k)))
         """
+        )
     )
     rng = random.Random(1234)
     for _ in range(6):
