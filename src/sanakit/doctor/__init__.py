@@ -212,10 +212,8 @@ def find_resume(cfg: Config, deep: bool = True) -> Resume:
     candidates = [(step, path, False) for step, path in ckpt.candidates(d)]
     # a re-save killed between its two renames leaves ``.step_N.old-*`` and no step_N; train
     # renames it back before choosing, so it is a candidate too
-    for m, old in ckpt._dot_dirs(d, ckpt._OLD_RE):
-        step = int(m.group(1))
-        if not (d / ckpt.step_dir_name(step)).exists():
-            candidates.append((step, old, True))
+    for step, old in ckpt.interrupted_replacements(d):
+        candidates.append((step, old, True))
     skipped = []
     for _, path, restores in sorted(candidates, key=lambda c: c[0], reverse=True):
         reason = ckpt.verify_checkpoint(path, deep=deep)
