@@ -507,3 +507,52 @@ def test_checkpoint_writer_survives_sigkill(tmp_path: Path) -> None:
     latest, skipped = find_latest(d)
     assert skipped == [] and latest is not None and checkpoint_step(latest) > best
     assert len(list_checkpoints(d)) <= 3
+
+
+# ------------------------------------------------------------------------------------------
+# atomic directories
+# ------------------------------------------------------------------------------------------
+
+
+def test_atomic_directory_creates_replaces_and_keeps_aside(tmp_path: Path) -> None:
+    from sanakit.io.atomic import Displace, Existing, Tag, atomic_directory, stale_siblings
+
+    final = tmp_path / "out" / "folder"
+
+    def fill(text: str):
+        def write(tmp: Path) -> None:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.txt").write_text(text)
+
+        return write
+
+    assert atomic_directory(final, fill("one")) == final
+    assert (final / "sub" / "a.txt").read_text() == "one"
+    atomic_directory(final, fill("two"))  # REPLACE by default: old copy gone afterwards
+    assert (final / "sub" / "a.txt").read_text() == "two"
+    assert dot_entries(final.parent) == []
+
+    aside = tmp_path / "out" / "kept"
+    atomic_directory(final, fill("three"), lambda _: Displace(Existing.KEEP_ASIDE, aside))
+    assert (aside / "sub" / "a.txt").read_text() == "two"
+    assert (final / "sub" / "a.txt").read_text() == "three"
+
+    def refuse(_: Path) -> Displace:
+        raise CheckpointError("not replacing it")
+
+    with pytest.raises(CheckpointError):
+        atomic_directory(final, fill("four"), refuse)
+    with pytest.raises(OSError, match="disk on fire"):
+        atomic_directory(final, lambda tmp: (_ for _ in ()).throw(OSError("disk on fire")))
+    assert (final / "sub" / "a.txt").read_text() == "three"
+    assert dot_entries(final.parent) == []
+
+    pid = dead_pid()
+    for tag in ("tmp", "old"):
+        (final.parent / f".folder.{tag}-{pid}-0badc0de").mkdir()
+    (final.parent / f".folder.tmp-{os.getppid()}-0badc0de").mkdir()  # a live writer's
+    stale = stale_siblings(final.parent, Tag.TMP, "folder")
+    assert [(s.name, s.tag, s.pid) for s in stale] == [("folder", Tag.TMP, pid)]
+    assert [s.path.name for s in stale_siblings(final.parent, Tag.OLD)] == [
+        f".folder.old-{pid}-0badc0de"
+    ]

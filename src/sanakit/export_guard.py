@@ -17,6 +17,7 @@ from sanakit.errors import SanakitError
 from sanakit.io.atomic import (
     Displace,
     Existing,
+    Tag,
     check_writable,
     remove_tree,
     stale_siblings,
@@ -159,9 +160,9 @@ def clean_leftovers(out_dir: Path) -> None:
     A kill between the two renames of a replace leaves the earlier export only as
     ``.{name}.old-*``: it is put back when ``out_dir`` is missing, else deleted.
     """
-    for sib in stale_siblings(out_dir.parent, "tmp", out_dir.name):
+    for sib in stale_siblings(out_dir.parent, Tag.TMP, out_dir.name):
         remove_tree(sib.path)
-    for sib in stale_siblings(out_dir.parent, "old", out_dir.name):
+    for sib in stale_siblings(out_dir.parent, Tag.OLD, out_dir.name):
         if not (out_dir.exists() or out_dir.is_symlink()) and is_earlier_export(sib.path):
             os.rename(sib.path, out_dir)
         else:

@@ -42,6 +42,13 @@ _active_lock = threading.Lock()
 _active: set[str] = set()
 
 
+class Tag(enum.Enum):
+    """The dot-names :func:`atomic_directory` leaves beside ``name`` if killed."""
+
+    TMP = "tmp"  # being written; never installed, so garbage once its writer is gone
+    OLD = "old"  # the previous copy of a replaced directory
+
+
 @contextmanager
 def claimed(path: Path) -> Iterator[None]:
     """Mark ``path`` (a temp name of this process) as in use for :func:`owner_alive`."""
@@ -77,10 +84,10 @@ def owner_alive(path: Path, pid: int) -> bool:
     return True
 
 
-def temp_sibling(final: Path, tag: str) -> Path:
+def temp_sibling(final: Path, tag: Tag) -> Path:
     """A fresh dot-name beside ``final`` that carries this process's pid: ``.{name}.{tag}-...``."""
     final = Path(final)
-    return final.parent / f".{final.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+    return final.parent / f".{final.name}.{tag.value}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
@@ -170,7 +177,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     makedirs_durable(path.parent)
-    base = temp_sibling(path, "tmp")
+    base = temp_sibling(path, Tag.TMP)
     tmp = base.with_name(base.name + path.suffix)
 
     def fill(tmp: Path) -> None:
@@ -195,6 +202,10 @@ class Displace:
     how: Existing
     aside: Path | None = None  # where KEEP_ASIDE moves the existing directory
 
+    def __post_init__(self) -> None:
+        if (self.how is Existing.KEEP_ASIDE) != (self.aside is not None):
+            raise ValueError("Displace: KEEP_ASIDE needs an aside path, REPLACE takes none")
+
 
 def atomic_directory(
     final: Path,
@@ -217,7 +228,8 @@ def atomic_directory(
         tmp.mkdir()
         fill(tmp)
 
-    _commit(final, temp_sibling(final, "tmp"), make, lambda t, f: _install(t, f, displace), rmtree)
+    tmp = temp_sibling(final, Tag.TMP)
+    _commit(final, tmp, make, lambda t, f: _install(t, f, displace), _discard_tree)
     return final
 
 
@@ -251,12 +263,11 @@ def _install(tmp: Path, final: Path, displace: Callable[[Path], Displace]) -> No
         os.rename(tmp, final)
         return
     decision = displace(final)
-    if decision.how is Existing.KEEP_ASIDE:
-        assert decision.aside is not None, "KEEP_ASIDE needs a path"
+    if decision.aside is not None:  # KEEP_ASIDE
         os.rename(final, decision.aside)
         os.rename(tmp, final)
         return
-    old = temp_sibling(final, "old")
+    old = temp_sibling(final, Tag.OLD)
     with claimed(old):
         os.rename(final, old)
         try:
@@ -268,7 +279,7 @@ def _install(tmp: Path, final: Path, displace: Callable[[Path], Displace]) -> No
         remove_tree(old)
 
 
-def rmtree(path: Path) -> None:
+def _discard_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -290,11 +301,11 @@ class Sibling:
 
     path: Path
     name: str
-    tag: str
+    tag: Tag
     pid: int
 
 
-def stale_siblings(parent: Path, tag: str, name: str | None = None) -> list[Sibling]:
+def stale_siblings(parent: Path, tag: Tag, name: str | None = None) -> list[Sibling]:
     """``.{name}.{tag}-{pid}-{hex}`` directories in ``parent`` whose writer process is gone.
 
     A ``tmp`` one was never installed, so it is garbage. An ``old`` one is the previous copy of a
@@ -307,11 +318,11 @@ def stale_siblings(parent: Path, tag: str, name: str | None = None) -> list[Sibl
     found = []
     for entry in sorted(parent.iterdir()):
         m = _SIBLING_RE.match(entry.name)
-        if m is None or m["tag"] != tag or (name is not None and m["name"] != name):
+        if m is None or m["tag"] != tag.value or (name is not None and m["name"] != name):
             continue
         if entry.is_symlink() or not entry.is_dir() or owner_alive(entry, int(m["pid"])):
             continue
-        found.append(Sibling(entry, m["name"], m["tag"], int(m["pid"])))
+        found.append(Sibling(entry, m["name"], tag, int(m["pid"])))
     return found
 
 

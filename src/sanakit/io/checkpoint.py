@@ -38,6 +38,7 @@ from sanakit.errors import CheckpointError
 from sanakit.io.atomic import (
     Displace,
     Existing,
+    Tag,
     atomic_directory,
     claimed,
     free_bytes,
@@ -161,7 +162,7 @@ def find_latest(checkpoints_dir: Path) -> tuple[Path | None, list[tuple[Path, st
 def _old_copies(d: Path) -> list[tuple[int, Path]]:
     """``(step, .step_N.old-*)`` copies of dead writers, whether or not ``step_N`` exists."""
     found = []
-    for sib in stale_siblings(d, "old"):
+    for sib in stale_siblings(d, Tag.OLD):
         step = parse_step_name(sib.name)
         if step is not None:
             found.append((step, sib.path))
@@ -212,7 +213,7 @@ def clean_stale(checkpoints_dir: Path) -> list[Path]:
     d = Path(checkpoints_dir)
     removed: list[Path] = []
     recover_interrupted(d)
-    for sib in stale_siblings(d, "tmp"):
+    for sib in stale_siblings(d, Tag.TMP):
         if parse_step_name(sib.name) is not None and remove_tree(sib.path):
             log.warning("removed unfinished checkpoint temp dir from a killed writer: %s", sib.path)
             removed.append(sib.path)
