@@ -224,7 +224,9 @@ def huge_header_length(ckpt: Path) -> None:
 
 def another_depth(tensors: dict) -> dict:
     extra = {
-        k.replace("transformer_blocks.0.", "transformer_blocks.1."): v for k, v in tensors.items()
+        k.replace("transformer_blocks.0.", "transformer_blocks.1."): v.clone()
+        for k, v in tensors.items()
+        if "transformer_blocks.0." in k
     }
     return {**tensors, **extra}
 
@@ -256,7 +258,6 @@ TRAIN_CASES = {
         edit_json("trainer_state.json", set_key("world_size", "Infinity")),
     ),
     "trainer-nested": ("trainer_state.json", edit_json("trainer_state.json", "[" * 100_000)),
-    "trainer-list": ("trainer_state.json", edit_json("trainer_state.json", "[]")),
     "sampler-epoch-1e30": (
         "sampler_rank0.json",
         edit_json("sampler_rank0.json", set_key("epoch", "1e30")),
@@ -269,11 +270,6 @@ TRAIN_CASES = {
         "sampler_rank0.json",
         edit_json("sampler_rank0.json", set_key("batches_done", str(10**9))),
     ),
-    "sampler-nan": (
-        "sampler_rank0.json",
-        edit_json("sampler_rank0.json", set_key("batches_done", "NaN")),
-    ),
-    "sampler-string": ("sampler_rank0.json", edit_json("sampler_rank0.json", '"x"')),
     "weights-huge-header": ("model.safetensors", huge_header),
     "weights-huge-header-length": ("model.safetensors", huge_header_length),
     "weights-another-depth": ("model.safetensors", edit_weights(another_depth)),
