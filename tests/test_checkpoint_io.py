@@ -1,7 +1,8 @@
 """Crash-safety tests for sanakit.io.atomic and sanakit.io.checkpoint, on real files.
 
-The kill tests run a real writer subprocess and SIGKILL it at seeded random moments; the
-``SANAKIT_TEST_SLOW_WRITE`` hook stretches each file write so kills land mid-write.
+The kill tests run a real writer subprocess and SIGKILL it at seeded random moments; the writer
+slows every fsync down (``tests/slow_write.py``, injected by the test, never read by sanakit) so
+kills land mid-write.
 """
 
 import hashlib
@@ -20,7 +21,6 @@ import pytest
 
 from sanakit.errors import CheckpointError
 from sanakit.io.atomic import (
-    SLOW_WRITE_ENV,
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
@@ -28,7 +28,6 @@ from sanakit.io.atomic import (
     free_bytes,
     remove_stale_temp_files,
     sha256_file,
-    slow_write_pause,
 )
 from sanakit.io.checkpoint import (
     checkpoint_step,
@@ -41,6 +40,12 @@ from sanakit.io.checkpoint import (
     rotate,
     verify_checkpoint,
     write_checkpoint,
+)
+
+# Prepended to a writer subprocess's script: every fsync sleeps, so a kill lands mid-write.
+SLOW = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    "import slow_write; slow_write.install(0.05)\n"
 )
 
 # The deterministic content of each step's checkpoint, shared verbatim with the writer
@@ -81,8 +86,11 @@ write_payload = _ns["write_payload"]
 # Writer loop for the kill test: resumes from find_latest like a real run, re-saves the latest
 # step every third iteration (exercising replacement), rotates to 3, and atomically rewrites a
 # side file. argv: checkpoints_dir, side_file, iterations (0 = forever).
-WRITER_SRC = PAYLOAD_SRC + textwrap.dedent(
-    """
+WRITER_SRC = (
+    SLOW
+    + PAYLOAD_SRC
+    + textwrap.dedent(
+        """
     import sys
     from pathlib import Path
     from sanakit.io.atomic import atomic_write_bytes
@@ -103,6 +111,7 @@ WRITER_SRC = PAYLOAD_SRC + textwrap.dedent(
         rotate(d, 3, path)
         atomic_write_bytes(side, blob(step))
     """
+    )
 )
 
 
@@ -123,7 +132,7 @@ def dot_entries(d: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------
-# fsutil
+# atomic files
 # ------------------------------------------------------------------------------------------
 
 
@@ -176,8 +185,11 @@ def test_atomic_write_failure_leaves_target_untouched(tmp_path: Path) -> None:
 def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
     """Killed mid-write, the target is absent or exactly one complete version; never partial."""
     side = tmp_path / "side.bin"
-    script = PAYLOAD_SRC + textwrap.dedent(
-        """
+    script = (
+        SLOW
+        + PAYLOAD_SRC
+        + textwrap.dedent(
+            """
         import sys
         import time
         from pathlib import Path
@@ -198,11 +210,11 @@ def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
             k += 1
             atomic_write(Path(sys.argv[1]), slow_writer(blob(k)))
         """
+        )
     )
-    env = {**os.environ, SLOW_WRITE_ENV: "0.05"}
     rng = random.Random(1234)
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(side)], env=env)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(side)])
         time.sleep(rng.uniform(0.05, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -250,12 +262,6 @@ def test_sha256_free_bytes_check_writable(tmp_path: Path) -> None:
             assert reason is not None and str(ro) in reason
         finally:
             ro.chmod(0o700)
-
-
-def test_slow_write_hook_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SLOW_WRITE_ENV, "fast")
-    with pytest.raises(ValueError, match=SLOW_WRITE_ENV):
-        slow_write_pause()
 
 
 # ------------------------------------------------------------------------------------------
@@ -467,12 +473,11 @@ def test_checkpoint_writer_survives_sigkill(tmp_path: Path) -> None:
     """SIGKILL a real writer at random moments; recovery is always exact and monotonic."""
     d = tmp_path / "checkpoints"
     side = tmp_path / "side.bin"
-    env = {**os.environ, SLOW_WRITE_ENV: "0.05"}
     argv = [sys.executable, "-c", WRITER_SRC, str(d), str(side)]
     rng = random.Random(20240611)
     best = 0
     for _ in range(12):
-        proc = subprocess.Popen([*argv, "0"], env=env)
+        proc = subprocess.Popen([*argv, "0"])
         time.sleep(rng.uniform(0.1, 0.9))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -498,9 +503,58 @@ def test_checkpoint_writer_survives_sigkill(tmp_path: Path) -> None:
     assert best > 0, "no checkpoint was ever completed; the kill window is too short"
 
     # A clean run resumes, cleans the killed writers' leftovers and finishes normally.
-    result = subprocess.run([*argv, "2"], env=env, timeout=60)
+    result = subprocess.run([*argv, "2"], timeout=60)
     assert result.returncode == 0
     assert not [n for n in dot_entries(d) if ".tmp-" in n or ".old-" in n or "deleting" in n]
     latest, skipped = find_latest(d)
     assert skipped == [] and latest is not None and checkpoint_step(latest) > best
     assert len(list_checkpoints(d)) <= 3
+
+
+# ------------------------------------------------------------------------------------------
+# atomic directories
+# ------------------------------------------------------------------------------------------
+
+
+def test_atomic_directory_creates_replaces_and_keeps_aside(tmp_path: Path) -> None:
+    from sanakit.io.atomic import Displace, Existing, Tag, atomic_directory, stale_siblings
+
+    final = tmp_path / "out" / "folder"
+
+    def fill(text: str):
+        def write(tmp: Path) -> None:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.txt").write_text(text)
+
+        return write
+
+    assert atomic_directory(final, fill("one")) == final
+    assert (final / "sub" / "a.txt").read_text() == "one"
+    atomic_directory(final, fill("two"))  # REPLACE by default: old copy gone afterwards
+    assert (final / "sub" / "a.txt").read_text() == "two"
+    assert dot_entries(final.parent) == []
+
+    aside = tmp_path / "out" / "kept"
+    atomic_directory(final, fill("three"), lambda _: Displace(Existing.KEEP_ASIDE, aside))
+    assert (aside / "sub" / "a.txt").read_text() == "two"
+    assert (final / "sub" / "a.txt").read_text() == "three"
+
+    def refuse(_: Path) -> Displace:
+        raise CheckpointError("not replacing it")
+
+    with pytest.raises(CheckpointError):
+        atomic_directory(final, fill("four"), refuse)
+    with pytest.raises(OSError, match="disk on fire"):
+        atomic_directory(final, lambda tmp: (_ for _ in ()).throw(OSError("disk on fire")))
+    assert (final / "sub" / "a.txt").read_text() == "three"
+    assert dot_entries(final.parent) == []
+
+    pid = dead_pid()
+    for tag in ("tmp", "old"):
+        (final.parent / f".folder.{tag}-{pid}-0badc0de").mkdir()
+    (final.parent / f".folder.tmp-{os.getppid()}-0badc0de").mkdir()  # a live writer's
+    stale = stale_siblings(final.parent, Tag.TMP, "folder")
+    assert [(s.name, s.tag, s.pid) for s in stale] == [("folder", Tag.TMP, pid)]
+    assert [s.path.name for s in stale_siblings(final.parent, Tag.OLD)] == [
+        f".folder.old-{pid}-0badc0de"
+    ]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import slow_write
 import torch
 from conftest import FAST, checkpoint_dir, cli_env, run_sanakit
 from safetensors.torch import load_file
@@ -179,10 +179,18 @@ def test_export_destination_and_checkpoint_errors(pixel_run: Path, tmp_path: Pat
     assert "--overwrite" in one_line_error(run_sanakit("export", str(pixel_run), str(out)))
     assert (out / "keep.txt").read_text() == "user data"  # untouched
 
-    r = run_sanakit("export", str(pixel_run), str(out), "--overwrite")
+    # --overwrite replaces only an earlier export: a folder of user data is never deleted
+    line = one_line_error(run_sanakit("export", str(pixel_run), str(out), "--overwrite"))
+    assert "not an earlier sanakit export" in line
+    assert (out / "keep.txt").read_text() == "user data"  # untouched
+
+    done = tmp_path / "done"
+    assert run_sanakit("export", str(pixel_run), str(done)).returncode == 0
+    (done / "stray.txt").write_text("from the earlier export's folder")
+    r = run_sanakit("export", str(pixel_run), str(done), "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert not (out / "keep.txt").exists() and (out / "transformer").is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no temp/old siblings
+    assert not (done / "stray.txt").exists() and (done / "transformer").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "done"]  # no temp/old siblings
 
     missing = tmp_path / "no_such_run"
     assert str(missing) in one_line_error(run_sanakit("export", str(missing), str(tmp_path / "x")))
@@ -192,10 +200,10 @@ def test_export_destination_and_checkpoint_errors(pixel_run: Path, tmp_path: Pat
 @pytest.mark.slow
 def test_killed_export_leaves_no_half_folder(pixel_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = cli_env(SANAKIT_TEST_SLOW_WRITE="60")  # pause after writing, before the rename
+    # every fsync pauses 60 s: the kill lands after writing, before the rename
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sanakit", "export", str(pixel_run), str(out)],
-        env=env,
+        slow_write.command(60, "export", str(pixel_run), str(out)),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import slow_write
 from conftest import (
     FAST,
     TORCHRUN,
@@ -240,11 +241,11 @@ def test_two_exports_to_one_destination(tiny_work_dir, tmp_path):
     out = tmp_path / "out"
     lock = destination_lock_file(out)
     first = subprocess.Popen(
-        [sys.executable, "-m", "sanakit", "export", str(tiny_work_dir), str(out)],
+        slow_write.command(8, "export", str(tiny_work_dir), str(out)),  # holds before its rename
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(SANAKIT_TEST_SLOW_WRITE="8"),  # holds before its final rename
+        env=cli_env(),
     )
     try:
         wait_for_owner(first, lock)
@@ -265,11 +266,11 @@ def test_two_cache_builds_on_one_cache_dir(tmp_path):
     work = tmp_path / "w"
     args = ["cache", "build", f"--work_dir={work}", *FAST, "--data.max_samples=8"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "sanakit", *args],
+        slow_write.command(1, *args),  # slow cache writes keep the first build (and its lock)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(SANAKIT_TEST_SLOW_WRITE="3"),
+        env=cli_env(),
     )
     try:
         wait_for_owner(first, work / "cache" / LOCK_NAME)

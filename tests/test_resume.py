@@ -6,11 +6,11 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import slow_write
 from conftest import (
     FAST,
     checkpoint_dir,
@@ -114,19 +114,19 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
 @pytest.mark.slow
 def test_kill_9_loop_then_the_final_run_equals_an_uninterrupted_one(tmp_path):
     """At least 10 SIGKILLs at random moments, many inside checkpoint writes (slowed down by
-    the test-only SANAKIT_TEST_SLOW_WRITE), then one run to the end."""
+    tests/slow_write.py, which delays every fsync), then one run to the end."""
     steps = 16
     extra = [f"--train.max_steps={steps}", "--train.save_model_steps=1"]
     reference = tmp_path / "reference"
     train(reference, *extra)
     work = tmp_path / "killed"
-    env = cli_env(SANAKIT_TEST_SLOW_WRITE="0.03")
+    env = cli_env()
     rng = random.Random(1234)
     kills = 0
     progress = []
     while kills < 10:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sanakit", "train", f"--work_dir={work}", *RESUME, *extra],
+            slow_write.command(0.03, "train", f"--work_dir={work}", *RESUME, *extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,

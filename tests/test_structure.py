@@ -21,7 +21,7 @@ LAYERS = [
     {"sanakit.embeddings"},
     {"sanakit.flow", "sanakit.sampling"},
     {"sanakit.train"},
-    {"sanakit.inference", "sanakit.evaluate", "sanakit.export"},
+    {"sanakit.inference", "sanakit.evaluate", "sanakit.export", "sanakit.export_guard"},
     {"sanakit.doctor"},
     {"sanakit.cli", "sanakit.__main__"},
 ]

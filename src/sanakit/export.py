@@ -9,39 +9,47 @@ are written to ``sanakit.json`` at the top level and repeated in the model card 
 A pixel-space model (``vae.type=pixel``) cannot run in SanaPipeline (it needs an AutoencoderDC), so
 it is exported without ``model_index.json``: the parts load one by one with diffusers/transformers.
 
-The folder is written into a temporary sibling and renamed at the end, so a killed export never
-leaves a half folder under the final name.
+The folder is written into a temporary sibling and renamed at the end
+(:func:`sanakit.io.atomic.atomic_directory`), so a killed export never leaves a half folder under
+the final name. The destination is guarded (``export_guard.py``): an export never replaces
+anything but an earlier export, and never touches a sanakit run or checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sanakit.errors import SanakitError
-from sanakit.io.ownership import destination_lock_file, remove_stale_lock
+from sanakit import __version__
+from sanakit.config import to_dict
+from sanakit.export_guard import (
+    FORMAT,
+    SETTINGS_FILE,
+    ExportError,
+    check_destination,
+    clean_leftovers,
+    displace_earlier_export,
+)
+from sanakit.inference import load_for_inference
+from sanakit.io.atomic import atomic_directory
+from sanakit.io.checkpoint import resolve_checkpoint
+from sanakit.sampling import make_scheduler
+from sanakit.train.state import read_trainer_state
+
+__all__ = ["FORMAT", "SETTINGS_FILE", "ExportError", "check_destination", "export_checkpoint"]
 
 log = logging.getLogger("sanakit")
 
-SETTINGS_FILE = "sanakit.json"
 NULL_EMBED_FILE = "null_embed.pth"  # the checkpoint's null embedding, Sana's key names
-FORMAT = "sanakit-export"
 FORMAT_VERSION = 1
 # The exported encoder must reproduce the checkpoint's null embedding within this (max abs);
 # beyond it, SanaPipeline's unconditional branch (it encodes "" itself) is not the trained one.
 NULL_EMBED_TOLERANCE = 1e-5
-
-
-class ExportError(SanakitError):
-    """The export cannot be written (destination exists, not writable, unsupported model)."""
 
 
 @dataclass
@@ -66,72 +74,6 @@ def pipeline_blocker(cfg: Any, autoencoder: Any) -> str:
     if autoencoder.shift_factor:
         return f"vae shift_factor={autoencoder.shift_factor} (SanaPipeline decodes with no shift)"
     return ""
-
-
-def _temp_sibling(out_dir: Path, tag: str) -> Path:
-    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _remove_stale_siblings(out_dir: Path) -> None:
-    """Delete temp folders of earlier exports to ``out_dir`` whose process is gone (kill -9)."""
-    from sanakit.io.atomic import owner_alive
-
-    remove_stale_lock(destination_lock_file(out_dir))  # a killed export's (the CLI's lock)
-    prefix = f".{out_dir.name}."
-    if not out_dir.parent.is_dir():
-        return
-    for entry in out_dir.parent.iterdir():
-        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
-            continue
-        parts = entry.name[len(prefix) :].split("-")
-        if len(parts) != 3 or parts[0] not in ("tmp", "old") or not parts[1].isdigit():
-            continue
-        if not owner_alive(entry, int(parts[1])):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def check_destination(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out_dir`` unless ``overwrite``; the parent must be writable."""
-    from sanakit.io.atomic import check_writable
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"export destination {out_dir} is a file; pass a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"export destination {out_dir} exists and is not empty; choose another OUT_DIR or "
-            "pass --overwrite"
-        )
-    problem = check_writable(out_dir.parent)  # creates missing parents
-    if problem:
-        raise ExportError(f"cannot write the export next to {out_dir}: {problem}")
-
-
-def _fsync_tree(root: Path) -> None:
-    from sanakit.io.atomic import fsync_dir, fsync_file
-
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fsync_file(Path(dirpath) / name)
-        fsync_dir(Path(dirpath))
-
-
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir``, replacing what is there."""
-    from sanakit.io.atomic import fsync_dir
-
-    old = None
-    if out_dir.is_dir():
-        if any(out_dir.iterdir()):
-            # rename aside first: a crash between the two renames leaves the old export intact
-            # under a dot-name (cleaned up by the next export) and never a mixed folder
-            old = _temp_sibling(out_dir, "old")
-            os.rename(out_dir, old)
-        else:
-            out_dir.rmdir()
-    os.rename(tmp, out_dir)
-    fsync_dir(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def null_embedding_check(encoder: Any, null: Any) -> dict[str, Any]:
@@ -167,9 +109,6 @@ def build_settings(
     cfg: Any, checkpoint: Path, step: int, ema: bool, blocker: str, null: Any, null_check: dict
 ) -> dict[str, Any]:
     """Everything recorded in ``sanakit.json`` (and summarised in the model card)."""
-    from sanakit import __version__
-    from sanakit.config import to_dict
-
     instruction = cfg.text_encoder.complex_human_instruction
     runnable = not blocker
     return {
@@ -256,8 +195,6 @@ def model_card(settings: dict[str, Any]) -> str:
 
 def _write_parts(inf: Any, tmp: Path, runnable: bool) -> None:
     """Save every component into ``tmp`` (diffusers/transformers layouts)."""
-    from sanakit.sampling import make_scheduler
-
     cfg = inf.cfg
     models = inf.models
     scheduler = make_scheduler(cfg.train.sampler, cfg.scheduler.flow_shift)
@@ -295,14 +232,8 @@ def export_checkpoint(
 
     Raises :class:`SanakitError` subclasses (one line) for a bad checkpoint or destination.
     """
-    from sanakit.inference import load_for_inference
-    from sanakit.io.atomic import slow_write_pause
-    from sanakit.io.checkpoint import resolve_checkpoint
-    from sanakit.train.state import read_trainer_state
-
-    out_dir = Path(out_dir)
     path = resolve_checkpoint(checkpoint)
-    check_destination(out_dir, overwrite)
+    out_dir = check_destination(Path(out_dir), overwrite)
     inf = load_for_inference(path, ema=ema, device="cpu")
     cfg = inf.cfg
     blocker = pipeline_blocker(cfg, inf.models.autoencoder)
@@ -318,18 +249,13 @@ def export_checkpoint(
             null_check["max_abs_diff"],
         )
 
-    _remove_stale_siblings(out_dir)
-    tmp = _temp_sibling(out_dir, "tmp")
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         _write_parts(inf, tmp, runnable)
         torch.save(inf.null.to("cpu", torch.float32).tensors(), tmp / NULL_EMBED_FILE)
-        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(settings))
-        _fsync_tree(tmp)
-        slow_write_pause()  # test hook: lets kill tests land between writing and installing
-        _install(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # last: the settings file is also the marker that lets --overwrite replace this folder
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+
+    clean_leftovers(out_dir)
+    atomic_directory(out_dir, fill, lambda final: displace_earlier_export(final, overwrite))
     return ExportResult(out_dir, path, runnable, settings, blocker)

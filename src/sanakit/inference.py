@@ -9,16 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from sanakit.config import Config, from_yaml_text
+from sanakit.config import Config
 from sanakit.embeddings.captions import CaptionEncoder
-from sanakit.errors import CheckpointError, SanakitError
+from sanakit.errors import SanakitError
 from sanakit.io.checkpoint import resolve_checkpoint
 from sanakit.models.text.null_embedding import NullEmbedding, check_matches_checkpoint
 from sanakit.sampling import sample_latents, to_uint8_grid
 from sanakit.train.components import autocast_dtype, build_models, latent_shape
-from sanakit.train.state import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_null_embedding
+from sanakit.train.state import load_transformer_weights, read_config, read_null_embedding
 
 log = logging.getLogger("sanakit")
 MEMO_CAPACITY = 4096  # prompts kept by Inference.encode_prompts
@@ -97,15 +96,12 @@ def load_for_inference(
     allow_encoder_change: bool = False,
 ) -> Inference:
     path = resolve_checkpoint(checkpoint)
-    cfg = from_yaml_text((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
+    cfg = read_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = build_models(cfg, device)
-    weights = load_file(str(path / (EMA_FILE if ema else MODEL_FILE)))
-    missing, unexpected = models.transformer.load_state_dict(weights, strict=not ema)
-    if unexpected:
-        raise CheckpointError(f"checkpoint {path} weights do not fit its own config")
+    load_transformer_weights(path, models.transformer, ema=ema)  # one error line if they misfit
     models.transformer.eval()
-    null = read_null_embedding(path)
+    null = read_null_embedding(path, models.text_encoder)
     check_matches_checkpoint(
         NullEmbedding(null.embeds, null.mask, models.text_encoder.provenance(), "current encoder"),
         null.provenance,

@@ -1,38 +1,52 @@
-"""Durable file primitives shared by checkpoints and the artifact store.
+"""The one crash-safe write primitive, for files and directories, and its housekeeping.
 
-Everything here exists so that a process killed at any instant (``kill -9``, power loss) never
-leaves a half-written file under its final name: data goes to a temp file in the same directory,
-is fsynced, renamed over the target with :func:`os.replace` (atomic on POSIX), and then the
-parent directory is fsynced so the rename itself survives a power cut.
+A process killed at any instant (``kill -9``, power loss) never leaves a half-written file or
+directory under its final name: the data goes to a temp sibling ``.{name}.tmp-{pid}-{hex}`` in
+the same directory, every file (and directory) in it is fsynced, it is renamed to the final name
+(atomic on POSIX) and the parent directory is fsynced so the rename itself survives a power cut.
 
-Test-only hook: if the environment variable ``SANAKIT_TEST_SLOW_WRITE`` is set to a float number
-of seconds, :func:`atomic_write` and the checkpoint writer (:mod:`sanakit.io.checkpoint`) sleep
-that long after writing each file and before fsyncing/renaming it. Kill tests use it to land a
-``SIGKILL`` in the middle of a write. It must never be set in real runs.
+A directory cannot be renamed over a non-empty one, so replacing a directory first renames the
+existing one to ``.{name}.old-{pid}-{hex}``, renames the new one in, then deletes the old copy.
+A kill between those renames leaves both complete copies under dot-names; the owner of the
+directory decides how to recover (see :func:`stale_siblings`).
+
+Every file fsync goes through :func:`fsync_file` (looked up at call time), so tests can slow
+writes down by patching it; nothing here reads test-only settings.
 """
 
+import enum
 import hashlib
+import logging
 import os
 import re
 import secrets
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-SLOW_WRITE_ENV = "SANAKIT_TEST_SLOW_WRITE"
+log = logging.getLogger("sanakit")
 
 _HASH_CHUNK = 1 << 20
 
 # Temp files made by atomic_write: ".{name}.tmp-{pid}-{8 hex}{suffix}".
 _TEMP_FILE_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}(\.[^.]*)?$")
+# Temp and replaced directories made by atomic_directory: ".{name}.{tag}-{pid}-{hex}".
+_SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 # Temp paths this process is writing right now. A leftover carrying our own pid is stale unless
 # it is listed here: in containers a re-run after a kill often gets the same pid again.
 _active_lock = threading.Lock()
 _active: set[str] = set()
+
+
+class Tag(enum.Enum):
+    """The dot-names :func:`atomic_directory` leaves beside ``name`` if killed."""
+
+    TMP = "tmp"  # being written; never installed, so garbage once its writer is gone
+    OLD = "old"  # the previous copy of a replaced directory
 
 
 @contextmanager
@@ -70,6 +84,12 @@ def owner_alive(path: Path, pid: int) -> bool:
     return True
 
 
+def temp_sibling(final: Path, tag: Tag) -> Path:
+    """A fresh dot-name beside ``final`` that carries this process's pid: ``.{name}.{tag}-...``."""
+    final = Path(final)
+    return final.parent / f".{final.name}.{tag.value}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def remove_stale_temp_files(directory: Path) -> list[Path]:
     """Delete :func:`atomic_write` temp files in ``directory`` whose writer process is gone.
 
@@ -92,20 +112,6 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
             continue
         removed.append(entry)
     return removed
-
-
-def slow_write_pause() -> None:
-    """Sleep ``$SANAKIT_TEST_SLOW_WRITE`` seconds if set (test-only hook, see module doc)."""
-    raw = os.environ.get(SLOW_WRITE_ENV)
-    if not raw:
-        return
-    try:
-        delay = float(raw)
-    except ValueError as err:
-        # Fail loudly: a silently ignored hook would make a kill test pass without testing anything.
-        raise ValueError(f"{SLOW_WRITE_ENV}={raw!r} is not a number of seconds") from err
-    if delay > 0:
-        time.sleep(delay)
 
 
 def fsync_file(path: Path) -> None:
@@ -132,6 +138,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory, deepest first."""
+    dirs: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        dirs.append(Path(dirpath))
+        for name in sorted(filenames):
+            fsync_file(Path(dirpath) / name)
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
 def makedirs_durable(path: Path) -> None:
     """Create ``path`` (and missing parents) and fsync each parent whose entries changed."""
     path = Path(path)
@@ -149,7 +167,7 @@ def makedirs_durable(path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Create or replace ``path`` atomically: readers see the old file or the complete new one.
+    """Create or replace file ``path`` atomically: readers see the old or the complete new one.
 
     ``write(tmp)`` must create ``tmp`` (a path in the same directory, named
     ``.{name}.tmp-{pid}-{random}{suffix}``; the original suffix is kept for writers that infer
@@ -158,30 +176,154 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     exception re-raised; ``path`` is left untouched. Missing parent directories are created.
     """
     path = Path(path)
-    parent = path.parent
-    makedirs_durable(parent)
-    tmp = parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
-    with claimed(tmp):
-        _write_and_replace(path, tmp, write)
-    fsync_dir(parent)
+    makedirs_durable(path.parent)
+    base = temp_sibling(path, Tag.TMP)
+    tmp = base.with_name(base.name + path.suffix)
 
-
-def _write_and_replace(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
-    try:
+    def fill(tmp: Path) -> None:
         write(tmp)
         if not tmp.is_file():
             # E.g. np.save appends ".npy" and writes elsewhere; renaming nothing into place
             # would lose the data silently, so treat it as a bug in the caller.
             raise RuntimeError(f"atomic_write: writer did not create the temp file {tmp}")
-        slow_write_pause()
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+
+    _commit(path, tmp, fill, os.replace, lambda p: p.unlink(missing_ok=True))
+
+
+class Existing(enum.Enum):
+    """What :func:`atomic_directory` does with a directory already under the final name."""
+
+    REPLACE = "replace"  # keep it until the new one is in place, then delete it
+    KEEP_ASIDE = "keep_aside"  # move it to the name the caller gives and keep it
+
+
+@dataclass(frozen=True)
+class Displace:
+    how: Existing
+    aside: Path | None = None  # where KEEP_ASIDE moves the existing directory
+
+    def __post_init__(self) -> None:
+        if (self.how is Existing.KEEP_ASIDE) != (self.aside is not None):
+            raise ValueError("Displace: KEEP_ASIDE needs an aside path, REPLACE takes none")
+
+
+def atomic_directory(
+    final: Path,
+    fill: Callable[[Path], None],
+    displace: Callable[[Path], Displace] = lambda _: Displace(Existing.REPLACE),
+) -> Path:
+    """Create or replace directory ``final`` so readers see the old or the complete new one.
+
+    ``fill(tmp)`` writes into a fresh temp directory beside ``final``; every file and directory
+    in it is then fsynced and it is renamed to ``final`` (parent fsynced). If ``final`` exists,
+    ``displace(final)`` decides (it may also raise to refuse): REPLACE renames it to a dot-name
+    ``.old-`` copy first and deletes that copy only once the new one is in place; KEEP_ASIDE
+    moves it to ``aside`` for good. On any exception the temp directory is removed and
+    ``final`` is untouched. Missing parent directories are created.
+    """
+    final = Path(final)
+    makedirs_durable(final.parent)
+
+    def make(tmp: Path) -> None:
+        tmp.mkdir()
+        fill(tmp)
+
+    tmp = temp_sibling(final, Tag.TMP)
+    _commit(final, tmp, make, lambda t, f: _install(t, f, displace), _discard_tree)
+    return final
+
+
+def _commit(
+    final: Path,
+    tmp: Path,
+    fill: Callable[[Path], None],
+    install: Callable[[Path, Path], None],
+    discard: Callable[[Path], None],
+) -> None:
+    """The shared core: fill the temp sibling, make it durable, install it, fsync the parent."""
+    with claimed(tmp):
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
+            fill(tmp)
+            if tmp.is_dir():
+                fsync_tree(tmp)
+            else:
+                fsync_file(tmp)
+            install(tmp, final)
+        except BaseException:
+            try:
+                discard(tmp)
+            except OSError:
+                pass
+            raise
+    fsync_dir(final.parent)
+
+
+def _install(tmp: Path, final: Path, displace: Callable[[Path], Displace]) -> None:
+    if not (final.exists() or final.is_symlink()):
+        os.rename(tmp, final)
+        return
+    decision = displace(final)
+    if decision.aside is not None:  # KEEP_ASIDE
+        os.rename(final, decision.aside)
+        os.rename(tmp, final)
+        return
+    old = temp_sibling(final, Tag.OLD)
+    with claimed(old):
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)  # put the previous copy back before giving up
+            raise
+        fsync_dir(final.parent)
+        remove_tree(old)
+
+
+def _discard_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a directory tree; False (with a warning if it was there) when it could not be."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        log.warning("could not remove %s: %s", path, err)
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """A dot-directory left beside ``name`` by :func:`atomic_directory` (tag tmp or old)."""
+
+    path: Path
+    name: str
+    tag: Tag
+    pid: int
+
+
+def stale_siblings(parent: Path, tag: Tag, name: str | None = None) -> list[Sibling]:
+    """``.{name}.{tag}-{pid}-{hex}`` directories in ``parent`` whose writer process is gone.
+
+    A ``tmp`` one was never installed, so it is garbage. An ``old`` one is the previous copy of a
+    replaced directory: garbage once ``name`` exists, the only copy if a kill landed between the
+    two renames (then the caller should rename it back).
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    found = []
+    for entry in sorted(parent.iterdir()):
+        m = _SIBLING_RE.match(entry.name)
+        if m is None or m["tag"] != tag.value or (name is not None and m["name"] != name):
+            continue
+        if entry.is_symlink() or not entry.is_dir() or owner_alive(entry, int(m["pid"])):
+            continue
+        found.append(Sibling(entry, m["name"], tag, int(m["pid"])))
+    return found
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,42 +36,59 @@ from typing import Any
 
 from sanakit.errors import CheckpointError
 from sanakit.io.atomic import (
+    Displace,
+    Existing,
+    Tag,
+    atomic_directory,
     claimed,
     free_bytes,
     fsync_dir,
-    fsync_file,
     makedirs_durable,
     owner_alive,
+    remove_tree,
     sha256_file,
-    slow_write_pause,
+    stale_siblings,
+)
+from sanakit.io.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    ListedFiles,
+    checkpoint_step,
+    listed_files,
+    load_manifest,
+    parse_step_name,
+    read_manifest,
+    step_dir_name,
+    verify_checkpoint,
 )
 
 log = logging.getLogger("sanakit")
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "sanakit-checkpoint"
-MANIFEST_VERSION = 1
+# the manifest half lives in io/manifest.py; callers keep importing it from here
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "ListedFiles",
+    "candidates",
+    "checkpoint_step",
+    "clean_stale",
+    "find_latest",
+    "has_room",
+    "interrupted_replacements",
+    "list_checkpoints",
+    "listed_files",
+    "read_manifest",
+    "recover_interrupted",
+    "resolve_checkpoint",
+    "rotate",
+    "step_dir_name",
+    "verify_checkpoint",
+    "write_checkpoint",
+]
 
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-_TMP_RE = re.compile(r"^\.step_(\d{8,})\.tmp-(\d+)-[0-9a-f]+$")
-_OLD_RE = re.compile(r"^\.step_(\d{8,})\.old-(\d+)-[0-9a-f]+$")
 _DELETING_RE = re.compile(r"^\.deleting-step_(\d{8,})-(\d+)-[0-9a-f]+$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def step_dir_name(step: int) -> str:
-    """The directory name of step ``step``: ``step_{step:08d}``."""
-    return f"step_{step:08d}"
-
-
-def _parse_step_name(name: str) -> int | None:
-    """Step number of a canonical ``step_N`` directory name, else None."""
-    m = _STEP_RE.match(name)
-    if m is None:
-        return None
-    step = int(m.group(1))
-    # Reject non-canonical spellings ("step_000000005") so one step has exactly one name.
-    return step if name == step_dir_name(step) else None
 
 
 def _check_step(step: int) -> None:
@@ -82,119 +98,6 @@ def _check_step(step: int) -> None:
 
 def _token() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
-
-
-# --------------------------------------------------------------------------------------------
-# Manifest and verification
-# --------------------------------------------------------------------------------------------
-
-
-def _validate_manifest(data: Any) -> str | None:
-    """Reason why parsed manifest JSON is not a usable v1 manifest, or None."""
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        return "manifest.json is not a sanakit checkpoint manifest"
-    version = data.get("version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        return "manifest invalid: version"
-    if version > MANIFEST_VERSION:
-        return (
-            f"manifest version {version} is newer than supported ({MANIFEST_VERSION}); "
-            "upgrade sanakit"
-        )
-    step = data.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        return "manifest invalid: step"
-    files = data.get("files")
-    if not isinstance(files, dict) or not files:
-        return "manifest invalid: no files listed"
-    for rel, entry in files.items():
-        parts = rel.split("/") if isinstance(rel, str) else []
-        if (
-            not parts
-            or rel.startswith("/")
-            or any(p in ("", ".", "..") for p in parts)
-            or rel == MANIFEST_NAME
-        ):
-            return f"manifest invalid: bad file name {rel!r}"
-        if not isinstance(entry, dict):
-            return f"manifest invalid: entry for {rel}"
-        size, digest = entry.get("size"), entry.get("sha256")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            return f"manifest invalid: size of {rel}"
-        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-            return f"manifest invalid: sha256 of {rel}"
-    return None
-
-
-def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest, None) if ``path`` holds a structurally valid manifest, else (None, reason)."""
-    mf = path / MANIFEST_NAME
-    if not mf.is_file():
-        return None, f"no {MANIFEST_NAME}"
-    try:
-        data = json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        # Covers a 0-byte or truncated manifest as well as garbage.
-        return None, "manifest unreadable"
-    reason = _validate_manifest(data)
-    if reason is not None:
-        return None, reason
-    return data, None
-
-
-def verify_checkpoint(path: Path, deep: bool = True) -> str | None:
-    """None if ``path`` is a complete checkpoint, else a short reason.
-
-    Checks the manifest, that a ``step_N`` directory's manifest names step N, that every listed
-    file exists with the recorded size and, if ``deep``, the recorded sha256. ``deep=False`` is
-    the fast path (no file contents read). Files not listed in the manifest are ignored.
-    """
-    path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        return "not a directory" if path.exists() or path.is_symlink() else "does not exist"
-    manifest, reason = _read_manifest(path)
-    if manifest is None:
-        return reason
-    name_step = _parse_step_name(path.name)
-    if name_step is not None and name_step != manifest["step"]:
-        return f"manifest step {manifest['step']} != directory step {name_step}"
-    files: dict[str, dict[str, Any]] = manifest["files"]
-    # Sizes first for every file: cheap, and catches truncation before hashing gigabytes.
-    for rel in sorted(files):
-        fpath = path / rel
-        if not fpath.is_file():
-            return f"missing file {rel}"
-        try:
-            size = fpath.stat().st_size
-        except OSError as err:
-            return f"{rel}: unreadable ({err.strerror or err})"
-        if size != files[rel]["size"]:
-            return f"{rel}: size {size} != {files[rel]['size']}"
-    if deep:
-        for rel in sorted(files):
-            try:
-                digest = sha256_file(path / rel)
-            except OSError as err:
-                return f"{rel}: unreadable ({err.strerror or err})"
-            if digest != files[rel]["sha256"]:
-                return f"{rel}: sha256 mismatch"
-    return None
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The parsed manifest of checkpoint ``path``; raises CheckpointError if it has none usable."""
-    manifest, reason = _read_manifest(Path(path))
-    if manifest is None:
-        raise CheckpointError(
-            f"checkpoint {path}: {reason}; choose a complete checkpoint directory "
-            f"(one containing a valid {MANIFEST_NAME})"
-        )
-    return manifest
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step recorded in ``path``'s manifest (never inferred from the directory name)."""
-    return int(read_manifest(path)["step"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +112,7 @@ def candidates(checkpoints_dir: Path) -> list[tuple[int, Path]]:
         return []
     found: list[tuple[int, Path]] = []
     for entry in d.iterdir():
-        step = _parse_step_name(entry.name)
+        step = parse_step_name(entry.name)
         if step is not None and entry.is_dir() and not entry.is_symlink():
             found.append((step, entry))
     found.sort(key=lambda sp: sp[0])
@@ -225,7 +128,7 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """
     result: list[Path] = []
     for step, path in candidates(checkpoints_dir):
-        manifest, _ = _read_manifest(path)
+        manifest, _ = load_manifest(path)
         if manifest is not None and manifest["step"] != step:
             log.warning("ignoring checkpoint %s: its manifest says step %d", path, manifest["step"])
             continue
@@ -256,36 +159,34 @@ def find_latest(checkpoints_dir: Path) -> tuple[Path | None, list[tuple[Path, st
 # --------------------------------------------------------------------------------------------
 
 
-def _dot_dirs(d: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
-    if not d.is_dir():
-        return []
-    out = []
-    for entry in sorted(d.iterdir()):
-        m = pattern.match(entry.name)
-        if m is not None:
-            out.append((m, entry))
-    return out
+def _old_copies(d: Path) -> list[tuple[int, Path]]:
+    """``(step, .step_N.old-*)`` copies of dead writers, whether or not ``step_N`` exists."""
+    found = []
+    for sib in stale_siblings(d, Tag.OLD):
+        step = parse_step_name(sib.name)
+        if step is not None:
+            found.append((step, sib.path))
+    return found
 
 
 def interrupted_replacements(d: Path) -> list[tuple[int, Path]]:
     """``(step, .step_N.old-*)`` copies left by a killed re-save whose ``step_N`` is missing."""
-    found = []
-    for m, old in _dot_dirs(Path(d), _OLD_RE):
-        step = int(m.group(1))
-        if not (Path(d) / step_dir_name(step)).exists() and not owner_alive(old, int(m.group(2))):
-            found.append((step, old))
-    return found
+    d = Path(d)
+    return [(step, old) for step, old in _old_copies(d) if not _exists(d / step_dir_name(step))]
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def recover_interrupted(d: Path) -> list[Path]:
     """Rename a verified ``.step_N.old-*`` back to ``step_N`` when ``step_N`` is missing."""
+    d = Path(d)
     restored: list[Path] = []
-    for m, old in _dot_dirs(d, _OLD_RE):
-        if owner_alive(old, int(m.group(2))):
-            continue
-        final = d / step_dir_name(int(m.group(1)))
-        if final.exists() or final.is_symlink():
-            continue  # the replacement completed; the old copy is removed by clean_stale
+    for step, old in interrupted_replacements(d):
+        final = d / step_dir_name(step)
+        if _exists(final):
+            continue  # two old copies of one step: the first one restored wins
         reason = verify_checkpoint(old, deep=True)
         if reason is not None:
             log.warning("leaving %s in place: it does not verify (%s)", old, reason)
@@ -312,33 +213,20 @@ def clean_stale(checkpoints_dir: Path) -> list[Path]:
     d = Path(checkpoints_dir)
     removed: list[Path] = []
     recover_interrupted(d)
-    for pattern, what in ((_TMP_RE, "unfinished checkpoint temp dir"), (_DELETING_RE, None)):
-        for m, path in _dot_dirs(d, pattern):
-            if owner_alive(path, int(m.group(2))):
-                continue
-            if _remove_tree(path):
-                if what is not None:
-                    log.warning("removed %s from a killed writer: %s", what, path)
-                removed.append(path)
-    for m, old in _dot_dirs(d, _OLD_RE):
-        if owner_alive(old, int(m.group(2))):
-            continue
-        final = d / step_dir_name(int(m.group(1)))
-        if verify_checkpoint(final, deep=True) is None and _remove_tree(old):
+    for sib in stale_siblings(d, Tag.TMP):
+        if parse_step_name(sib.name) is not None and remove_tree(sib.path):
+            log.warning("removed unfinished checkpoint temp dir from a killed writer: %s", sib.path)
+            removed.append(sib.path)
+    for entry in sorted(d.iterdir()) if d.is_dir() else []:
+        m = _DELETING_RE.match(entry.name)
+        if m is not None and not owner_alive(entry, int(m.group(2))) and remove_tree(entry):
+            removed.append(entry)
+    for step, old in _old_copies(d):
+        final = d / step_dir_name(step)
+        if verify_checkpoint(final, deep=True) is None and remove_tree(old):
             log.info("removed %s, superseded by re-saved %s", old, final)
             removed.append(old)
     return removed
-
-
-def _remove_tree(path: Path) -> bool:
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return False
-    except OSError as err:
-        log.warning("could not remove %s: %s", path, err)
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,14 +234,12 @@ def _remove_tree(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _seal(tmp: Path) -> dict[str, dict[str, Any]]:
-    """fsync every file and directory under ``tmp`` and return the manifest's file table."""
+def _file_table(tmp: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file the caller wrote into ``tmp`` (regular files only)."""
     files: dict[str, dict[str, Any]] = {}
-    dirs: list[Path] = []
     for root, dirnames, filenames in os.walk(tmp):
         dirnames.sort()
         root_path = Path(root)
-        dirs.append(root_path)
         for dn in dirnames:
             if (root_path / dn).is_symlink():
                 raise ValueError(f"checkpoint must not contain symlinks: {root_path / dn}")
@@ -364,29 +250,10 @@ def _seal(tmp: Path) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"checkpoint may only contain regular files: {rel}")
             if rel == MANIFEST_NAME:
                 raise ValueError(f"write_files must not create {MANIFEST_NAME} itself")
-            slow_write_pause()
-            fsync_file(fpath)
             files[rel] = {"size": fpath.stat().st_size, "sha256": sha256_file(fpath)}
     if not files:
         raise ValueError(f"write_files wrote no files into {tmp}")
-    # Directories after their contents, deepest first, so every entry is durable.
-    for dpath in reversed(dirs):
-        fsync_dir(dpath)
     return files
-
-
-def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
-    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        slow_write_pause()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(tmp)
 
 
 def _corrupt_name(d: Path, name: str) -> Path:
@@ -399,55 +266,34 @@ def _corrupt_name(d: Path, name: str) -> Path:
     return aside
 
 
-def _install(d: Path, tmp: Path, name: str) -> Path:
-    """Rename the sealed ``tmp`` to ``d/name``, dealing with an existing ``name``."""
-    final = d / name
-    if not (final.exists() or final.is_symlink()):
-        os.rename(tmp, final)
-        fsync_dir(d)
-        return final
-
+def _displace(final: Path) -> Displace:
+    """An existing ``step_N``: replace a verified copy safely, keep anything else aside."""
     reason = verify_checkpoint(final, deep=True)
     if reason is None:
-        # Re-save of the same step (e.g. after resume). Keep the verified copy until the new
-        # one is in place: old aside, new in, then delete old. A kill between the renames
-        # leaves both complete copies under dot-names; find_latest restores the old one.
-        old = d / f".{name}.old-{_token()}"
-        with claimed(old):
-            os.rename(final, old)
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                os.rename(old, final)  # put the verified copy back before giving up
-                raise
-            fsync_dir(d)
-            log.info("replaced existing checkpoint %s with a new save of the same step", final)
-            _remove_tree(old)
-        return final
-
-    # Existing dir does not verify: never overwrite or delete what the user may want back.
-    aside = _corrupt_name(d, name)
-    os.rename(final, aside)
+        # Re-save of the same step (e.g. after resume): atomic_directory keeps the verified copy
+        # as ``.step_N.old-*`` until the new one is in place; recover_interrupted restores it.
+        log.info("replacing existing checkpoint %s with a new save of the same step", final)
+        return Displace(Existing.REPLACE)
+    # Never overwrite or delete what the user may want back.
+    aside = _corrupt_name(final.parent, final.name)
     log.warning(
-        "existing %s does not verify (%s); moved it aside to %s instead of deleting it",
+        "existing %s does not verify (%s); moving it aside to %s instead of deleting it",
         final,
         reason,
         aside,
     )
-    os.rename(tmp, final)
-    fsync_dir(d)
-    return final
+    return Displace(Existing.KEEP_ASIDE, aside)
 
 
 def write_checkpoint(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
     """Write checkpoint ``step`` crash-safely and return its ``step_N`` directory.
 
     ``write_files(tmpdir)`` writes any regular files (subdirectories allowed) into a fresh
-    temp dir; this function then fsyncs them, writes ``manifest.json`` last and renames the
-    dir into place. Stale temp dirs of killed writers are removed first. If ``step_N`` exists
-    and verifies it is replaced safely; if it exists but does not verify it is moved aside as
-    ``step_N.corrupt-<time>``. On any exception the temp dir is removed and the existing
-    checkpoints are untouched.
+    temp dir; this function then writes ``manifest.json`` last, fsyncs everything and renames
+    the dir into place (:func:`sanakit.io.atomic.atomic_directory`). Stale temp dirs of killed
+    writers are removed first. If ``step_N`` exists and verifies it is replaced safely; if it
+    exists but does not verify it is moved aside as ``step_N.corrupt-<time>``. On any exception
+    the temp dir is removed and the existing checkpoints are untouched.
     """
     _check_step(step)
     d = Path(checkpoints_dir)
@@ -460,40 +306,28 @@ def write_checkpoint(checkpoints_dir: Path, step: int, write_files: Callable[[Pa
         ) from err
     clean_stale(d)
 
-    name = step_dir_name(step)
-    tmp = d / f".{name}.tmp-{_token()}"
-    with claimed(tmp):
-        return _write_sealed(d, tmp, name, step, write_files)
-
-
-def _write_sealed(
-    d: Path, tmp: Path, name: str, step: int, write_files: Callable[[Path], None]
-) -> Path:
-    try:
-        tmp.mkdir()
+    def fill(tmp: Path) -> None:
         write_files(tmp)
-        files = _seal(tmp)
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "step": step,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": files,
+            "files": _file_table(tmp),
         }
-        _write_manifest(tmp, manifest)
-        final = _install(d, tmp, name)
+        with open(tmp / MANIFEST_NAME, "xb") as fh:  # last: its presence means "complete"
+            fh.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+    name = step_dir_name(step)
+    try:
+        return atomic_directory(d / name, fill, _displace)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
                 f"out of disk space writing checkpoint {name} in {d} "
                 f"({free_bytes(d)} bytes free); free space or keep fewer checkpoints"
             ) from err
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,7 +341,7 @@ def _delete_checkpoint(d: Path, path: Path) -> None:
     with claimed(doomed):
         os.rename(path, doomed)
         fsync_dir(d)
-        _remove_tree(doomed)
+        remove_tree(doomed)
 
 
 def rotate(checkpoints_dir: Path, keep: int | None, protect: Path) -> list[Path]:

@@ -5,7 +5,8 @@ grad-scaler state, the python/numpy/torch(/cuda) RNG state and the training gene
 rank, every rank's data-sampler position, step and epoch, the resolved config, and the null
 embedding with its provenance. Nothing read back can execute code: safetensors for weights,
 ``torch.load(weights_only=True)`` or JSON for the rest. The directory mechanics (temp dir, fsync,
-manifest, rename) live in ``io/checkpoint.py``.
+manifest, rename) live in ``io/checkpoint.py``; reading files back (only those the manifest
+lists, every value checked) in ``train/checkpoint_files.py``.
 
 Weights, EMA and optimizer state are always written full (unsharded) in the single-process
 layout, whether the run was one process, DDP or FSDP; an FSDP run gathers them first
@@ -23,13 +24,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sanakit import __version__
 from sanakit.data.sampler import ResumableSampler
 from sanakit.errors import CheckpointError
 from sanakit.io.artifacts import PROVENANCE
-from sanakit.models.text.null_embedding import EMBEDS, MASK, NullEmbedding
+from sanakit.io.checkpoint import ListedFiles, listed_files
+from sanakit.models.text.null_embedding import NullEmbedding
+from sanakit.train.checkpoint_files import (
+    CONFIG_FILE,
+    EMA_FILE,
+    MODEL_FILE,
+    NULL_EMBED_FILE,
+    TRAINER_FILE,
+    check_optimizer_state,
+    check_plain_state,
+    count,
+    read_config,
+    read_null_embedding,
+    read_sampler_state,
+    read_trainer_state,
+    read_weights,
+    reading,
+    torch_load,
+)
 from sanakit.train.parallel import (
     copy_full_,
     gather_full,
@@ -41,11 +60,19 @@ from sanakit.train.parallel import (
 
 log = logging.getLogger("sanakit")
 
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "ema.safetensors"
-NULL_EMBED_FILE = "null_embed.pth"
-TRAINER_FILE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
+__all__ = [
+    "CONFIG_FILE",
+    "EMA",
+    "EMA_FILE",
+    "MODEL_FILE",
+    "NULL_EMBED_FILE",
+    "TRAINER_FILE",
+    "TrainState",
+    "load_transformer_weights",
+    "read_config",
+    "read_null_embedding",
+    "read_trainer_state",
+]
 
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
@@ -98,12 +125,6 @@ class EMA:
         """Load full tensors (a checkpoint's), cutting them into shards where sharded."""
         for i, name in enumerate(self.names):
             copy_full_(self.shadow[i], state[name])
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, value in zip(self.names, self.shadow, strict=True):
-            local(params[name]).copy_(local(value).to(params[name].dtype))
 
 
 @dataclass
@@ -189,32 +210,37 @@ class TrainState:
 
     # ---- loading --------------------------------------------------------------------------
     def load(self, directory: Path) -> None:
-        """Restore everything from a verified checkpoint directory."""
+        """Restore everything from a verified checkpoint directory (only files it lists)."""
+        files = listed_files(directory)
         trainer = read_trainer_state(directory)
         # checkpoints hold full tensors; a sharded model keeps this rank's slices
-        load_full_model_state(self.model, load_file(str(directory / MODEL_FILE)))
-        self.ema.load_state_dict(load_file(str(directory / EMA_FILE)))
-        optimizer_state = _torch_load(directory / "optimizer.pt")
-        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, optimizer_state))
-        self.lr_scheduler.load_state_dict(_torch_load(directory / "lr_scheduler.pt"))
-        if self.grad_scaler is not None and (directory / "grad_scaler.pt").exists():
-            self.grad_scaler.load_state_dict(_torch_load(directory / "grad_scaler.pt"))
+        model_shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        weights = read_weights(files, MODEL_FILE, model_shapes)
+        with reading(files.path(MODEL_FILE)):
+            load_full_model_state(self.model, weights)
+        ema_shapes = {k: v.shape for k, v in self.ema.state_dict().items()}
+        ema = read_weights(files, EMA_FILE, ema_shapes)
+        with reading(files.path(EMA_FILE)):
+            self.ema.load_state_dict(ema)
+        self._load_optimizer(files)
+        path = files.path("lr_scheduler.pt")
+        scheduler = torch_load(path)
+        check_plain_state(path, scheduler, self.lr_scheduler.state_dict())
+        self.lr_scheduler.load_state_dict(scheduler)
+        if self.grad_scaler is not None and files.has("grad_scaler.pt"):
+            path = files.path("grad_scaler.pt")
+            scaler = torch_load(path)
+            check_plain_state(path, scaler, self.grad_scaler.state_dict())
+            with reading(path):
+                self.grad_scaler.load_state_dict(scaler)
         saved_world = int(trainer.get("world_size", 1))
-        rank_file = self.rank if self.rank < saved_world else 0
-        sampler_state = json.loads((directory / f"sampler_rank{rank_file}.json").read_text())
-        try:
-            self.sampler.load_state_dict(sampler_state)
-        except ValueError as err:
-            raise CheckpointError(
-                f"cannot resume {directory}: {err}; keep the dataset and the global batch "
-                "(train_batch_size x processes) as they were, or start a new work_dir"
-            ) from None
-        if saved_world == self.world_size:
-            restore_rng(_torch_load(directory / f"rng_rank{self.rank}.pt"), self.generator)
-        else:
+        self._load_sampler(files, self.rank if self.rank < saved_world else 0)
+        rng_rank = self.rank if saved_world == self.world_size else 0
+        with reading(files.path(f"rng_rank{rng_rank}.pt")):
+            restore_rng(torch_load(files.path(f"rng_rank{rng_rank}.pt")), self.generator)
+        if saved_world != self.world_size:
             # the sampler position re-shards exactly (it counts samples, not batches); the
             # shared training generator is identical on every rank, so rank 0's state serves all
-            restore_rng(_torch_load(directory / "rng_rank0.pt"), self.generator)
             log.warning(
                 "resuming with %d processes from a checkpoint written by %d: data order and "
                 "noise continue exactly; per-rank global RNG streams are re-derived",
@@ -223,33 +249,38 @@ class TrainState:
             )
         self.step = int(trainer["step"])
 
+    def _load_optimizer(self, files: ListedFiles) -> None:
+        path = files.path("optimizer.pt")
+        state = torch_load(path)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        check_optimizer_state(path, state, params)
+        with reading(path):
+            self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, state))
 
-def read_trainer_state(directory: Path) -> dict:
-    try:
-        return json.loads((Path(directory) / TRAINER_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {directory} has no readable {TRAINER_FILE} ({err})"
-        ) from None
+    def _load_sampler(self, files: ListedFiles, rank_file: int) -> None:
+        path = files.path(f"sampler_rank{rank_file}.json")
+        state = read_sampler_state(files, rank_file)
+        try:
+            self.sampler.load_state_dict(state)
+        except ValueError as err:
+            raise CheckpointError(
+                f"cannot resume {files.directory}: {err}; keep the dataset and the global batch "
+                "(train_batch_size x processes) as they were, or start a new work_dir"
+            ) from None
+        count(path, state, "batches_done", 0, len(self.sampler))
 
 
-def read_null_embedding(directory: Path) -> NullEmbedding:
-    """The checkpoint's own copy of the null embedding (resume and sample never need another)."""
-    path = Path(directory) / NULL_EMBED_FILE
-    data = _torch_load(path)
-    provenance = (data.get(PROVENANCE) or {}).get("key", {})
-    return NullEmbedding(data[EMBEDS], data[MASK], provenance, str(path))
+def load_transformer_weights(directory: Path, model: torch.nn.Module, ema: bool = False) -> None:
+    """Load a checkpoint's model (or EMA) weights into ``model`` for sampling.
 
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except Exception as err:  # corrupt pickle/zip: report which file
-        raise CheckpointError(
-            f"checkpoint file {path} is unreadable ({type(err).__name__})"
-        ) from None
+    EMA files hold the trainable parameters only, so they may cover a subset of the model.
+    """
+    files = listed_files(directory)
+    name = EMA_FILE if ema else MODEL_FILE
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    weights = read_weights(files, name, shapes, partial=ema)
+    with reading(files.path(name)):
+        model.load_state_dict(weights, strict=not ema)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
