@@ -7,12 +7,10 @@ directories created for the probe are removed again.
 from __future__ import annotations
 
 import enum
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sanakit.errors import SanakitError
 from sanakit.io.atomic import check_writable
 
 
@@ -71,12 +69,3 @@ def env_int(name: str, default: int) -> int | None:
     except ValueError:
         return None
     return value if value >= 1 else None
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object file; raises a one-line SanakitError naming the file when unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as err:
-        raise SanakitError(f"{path} is unreadable ({type(err).__name__})") from None
-    return data if isinstance(data, dict) else {}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sanakit.config import Config, from_yaml_text
+from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, WARN, Check
 from sanakit.doctor.probe import Probe
-from sanakit.errors import SanakitError
 from sanakit.io.checkpoint import checkpoint_step
+from sanakit.train.checkpoint_files import read_config
 from sanakit.train.resume import FRESH
-from sanakit.train.state import CONFIG_FILE
 
 # model.* keys that change the transformer's tensor shapes (a checkpoint must match them)
 ARCH_KEYS = (
@@ -50,11 +49,8 @@ def check_resume_target(cfg: Config, probe: Probe) -> Check:
 
 
 def saved_config(path: Path) -> Config:
-    """The config a checkpoint was trained with."""
-    try:
-        return from_yaml_text((path / CONFIG_FILE).read_text())
-    except Exception as err:  # noqa: BLE001 - any unreadable config means "cannot compare"
-        raise SanakitError(f"{path / CONFIG_FILE} is unreadable ({type(err).__name__})") from None
+    """The config a checkpoint was trained with (one error line naming the file if unusable)."""
+    return read_config(path)
 
 
 def check_checkpoint_model(cfg: Config, probe: Probe) -> Check:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 from sanakit.config import Config
-from sanakit.doctor.check import FAIL, PASS, WARN, Check, env_int, read_json
+from sanakit.doctor.check import FAIL, PASS, WARN, Check, env_int
 from sanakit.doctor.probe import Probe
-from sanakit.train.state import TRAINER_FILE
-
-SAMPLER_FILE = "sampler_rank0.json"  # rank 0's sampler state in a checkpoint
+from sanakit.io.checkpoint import listed_files
+from sanakit.train.checkpoint_files import read_sampler_state, read_trainer_state
 
 
 def check_distributed(cfg: Config, probe: Probe) -> Check:
@@ -26,8 +25,8 @@ def check_distributed(cfg: Config, probe: Probe) -> Check:
     r = probe.resume
     if r.path is None:
         return Check("distributed", PASS, f"{now}; fresh start")
-    saved = read_json(r.path / SAMPLER_FILE)
-    saved_world = int(read_json(r.path / TRAINER_FILE).get("world_size", 1))
+    saved = read_sampler_state(listed_files(r.path), 0)
+    saved_world = int(read_trainer_state(r.path).get("world_size", 1))
     saved_global = int(saved.get("global_batch", 0))
     if saved_global != bs * world:
         fit = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from sanakit.config import Config, null_embed_root
-from sanakit.doctor.check import FAIL, PASS, WARN, Check, read_json
+from sanakit.doctor.check import FAIL, PASS, WARN, Check
 from sanakit.doctor.check import writable_without_trace as writable
 from sanakit.doctor.paths import skip_inside_bad_work_dir
 from sanakit.doctor.probe import Probe
@@ -18,7 +18,7 @@ from sanakit.models.text.null_embedding import (
     encoder_identity,
     null_embedding_artifact,
 )
-from sanakit.train.state import TRAINER_FILE
+from sanakit.train.checkpoint_files import read_trainer_state
 
 
 def check_null_embedding(cfg: Config, probe: Probe) -> Check:
@@ -67,7 +67,7 @@ def check_null_embed_provenance(cfg: Config, probe: Probe) -> Check:
     r = probe.resume
     if r.path is None:
         return Check("null_embed_provenance", PASS, "no checkpoint to resume: nothing to compare")
-    saved = read_json(r.path / TRAINER_FILE).get("null_embed_provenance") or {}
+    saved = read_trainer_state(r.path).get("null_embed_provenance") or {}
     if not saved:
         return Check(
             "null_embed_provenance",
