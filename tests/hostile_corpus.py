@@ -26,7 +26,7 @@ import random
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,6 @@ class Case:
     # files a successful run may write; on success every OTHER pre-existing file must stay put
     # (read-only commands); None: the command may legitimately rewrite its work dir (train)
     outputs: tuple[str, ...] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def config_keys() -> list[tuple[str, Any]]:
@@ -510,18 +509,10 @@ SAMPLE = ("sample", "--prompt=a red circle", "--num_images=1", "--steps=2", "--o
 RESUME = ("train", "--work_dir=w", *TRAIN_BOUNDS)
 DOCTOR = ("doctor", "--work_dir=w", "--train.train_batch_size=4")
 # families and how often each comes up in every 20 cases
-CYCLE = ["config", "override", "checkpoint", "data", "sample"] * 2 + [
-    "config",
-    "checkpoint",
-    "data",
-    "override",
-    "checkpoint",
-    "export",
-    "config",
-    "checkpoint",
-    "data",
-    "checkpoint",
-]
+CYCLE = (
+    "config override checkpoint data sample " * 2
+    + "config checkpoint data override checkpoint export config checkpoint data checkpoint"
+).split()
 
 
 def config_case(rng: random.Random, keys: list[tuple[str, Any]]) -> tuple[str, tuple, Callable]:
