@@ -214,8 +214,8 @@ def write_config(scratch: Path, op: str, key: str, value: str, target: str) -> N
 
 
 def override_value(rng: random.Random, key: str, default: Any) -> str:
-    pool = NUMERIC if isinstance(default, int | float) and not isinstance(default, bool) else []
-    pool = pool + WRONG_TYPE + TAGS[:3] + TEXT
+    numeric = isinstance(default, int | float) and not isinstance(default, bool)
+    pool = NUMERIC * 3 + WRONG_TYPE + TAGS[:3] + TEXT if numeric else WRONG_TYPE + TAGS + TEXT
     if key in DURATION:
         pool = [v for v in pool if v not in ("18446744073709551616", "1e309")]
     return rng.choice(pool)
@@ -418,6 +418,13 @@ def build_data(scratch: Path, n: int = 8) -> None:
             (root / f"im{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)] + "\n")
     names = [f"im{i}" for i in range(n)]
     (sana / "meta_data.json").write_text(json.dumps({"name": "tiny", "img_names": names}))
+    hf = scratch / "data" / "hf"
+    hf.mkdir()
+    rows = []
+    for i in range(n):
+        (hf / f"im{i}.png").write_bytes(png_bytes(32, i))
+        rows.append(json.dumps({"file_name": f"im{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]}))
+    (hf / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def damage_image(path: Path, how: str) -> None:
@@ -490,12 +497,31 @@ def damage_meta(path: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+def damage_jsonl(path: Path, how: str) -> None:
+    """A Hugging Face ``metadata.jsonl``: bad rows among good ones, or a bad file."""
+    lines = path.read_bytes().splitlines()
+    bad = {
+        "nul_name": b'{"file_name": "im1\\u0000.png", "text": "a red circle"}',
+        "escape": b'{"file_name": "../../w/config.yaml", "text": "a red circle"}',
+        "numbers": b'{"file_name": 5, "text": [1, 2]}',
+        "bad_line": b'{"file_name": "im1.png", "text": ',
+        "deep": b"[" * 100000,
+        "invalid_utf8": b'{"file_name": "im1.png", "text": "a \xff\xfe circle"}',
+        "huge_text": b'{"file_name": "im1.png", "text": "' + b"a" * 2_000_000 + b'"}',
+        "missing_key": b'{"name": "im1.png"}',
+        "absolute": b'{"file_name": "/etc/hostname", "text": "a red circle"}',
+    }[how]
+    path.write_bytes(b"\n".join([lines[0], bad, *lines[2:]]) + b"\n")
+
+
 def write_data_mutations(scratch: Path, damages: tuple[tuple[str, str, str], ...]) -> None:
     """``damages``: (root, file kind, how) triples applied to a fresh ``build_data`` tree."""
     build_data(scratch)
     for index, (root, kind, how) in enumerate(damages):
         base = scratch / "data" / root
-        if kind == "meta":
+        if kind == "meta" and root == "hf":
+            damage_jsonl(base / "metadata.jsonl", how)
+        elif kind == "meta":
             damage_meta(base / "meta_data.json", how)
         elif kind == "image":
             damage_image(base / f"im{index + 1}.png", how)
@@ -510,8 +536,8 @@ RESUME = ("train", "--work_dir=w", *TRAIN_BOUNDS)
 DOCTOR = ("doctor", "--work_dir=w", "--train.train_batch_size=4")
 # families and how often each comes up in every 20 cases
 CYCLE = (
-    "config override checkpoint data sample " * 2
-    + "config checkpoint data override checkpoint export config checkpoint data checkpoint"
+    "override checkpoint config sample data override checkpoint override export checkpoint "
+    "config data override checkpoint sample data override checkpoint config sample"
 ).split()
 
 
@@ -566,10 +592,9 @@ def checkpoint_case(rng: random.Random) -> tuple[str, tuple, Callable]:
         rel = rng.choice(["null_embed.pth", "null_embed.pth", "optimizer.pt", "rng_rank0.pt"])
         how = rng.choice(["shape", "dtype", "dict", "nan", "list", "pickle"])
     ema = ("--ema",) if rel.startswith("ema") else ()
-    args = rng.choice(
-        [RESUME, DOCTOR, (*SAMPLE, "--checkpoint=w", *ema), (*SAMPLE, f"--checkpoint={CK}", *ema)]
-        + [("export", "w", "exported", *ema), ("export", CK, "exported", *ema)]
-    )
+    sample = [(*SAMPLE, "--checkpoint=w", *ema), (*SAMPLE, f"--checkpoint={CK}", *ema)]
+    export = [("export", "w", "exported", *ema), ("export", CK, "exported", *ema)]
+    args = rng.choice([RESUME, RESUME, RESUME, DOCTOR, *sample, *sample, *export])
     prepare = partial(write_checkpoint_mutation, rel=rel, kind=kind, how=how, extra=extra)
     detail = f"{kind}-{rel.split('.')[0]}-{slug(how)}"
     return f"{detail}-{slug(args[0])}", args, prepare
@@ -582,22 +607,27 @@ DATA_DAMAGE = {
     + ["fifo", "directory"],
     "meta": ["nul_name", "escape", "numbers", "not_list", "huge", "dupes", "deep"]
     + ["invalid_utf8", "truncate"],
+    "jsonl": ["nul_name", "escape", "numbers", "bad_line", "deep", "invalid_utf8", "huge_text"]
+    + ["missing_key", "absolute"],
 }
+FORMATS = {"img": "image_folder", "sana": "sana_img", "hf": "hf_imagefolder"}
 
 
 def data_case(rng: random.Random) -> tuple[str, tuple, Callable]:
-    root = rng.choice(["img", "sana"])
+    root = rng.choice(sorted(FORMATS))
     damages = []
     for _ in range(rng.choice([1, 1, 2])):
-        kind = rng.choice(["image", "caption"] + (["meta"] if root == "sana" else []))
-        damages.append((root, kind, rng.choice(DATA_DAMAGE[kind])))
-    fmt = "image_folder" if root == "img" else "sana_img"
-    data = (f"--data.type={fmt}", f"--data.data_dir=[data/{root}]", "--work_dir=run")
+        kind = rng.choice(
+            {"img": ["image", "caption"], "sana": ["image", "caption", "meta"]}.get(
+                root, ["image", "meta", "meta"]
+            )
+        )
+        pool = DATA_DAMAGE["jsonl" if kind == "meta" and root == "hf" else kind]
+        damages.append((root, kind, rng.choice(pool)))
+    data = (f"--data.type={FORMATS[root]}", f"--data.data_dir=[data/{root}]", "--work_dir=run")
     bounds = (*TRAIN_BOUNDS, "--train.max_steps=2")
-    args = rng.choice(
-        [("train", *data, *bounds), ("doctor", *data)]
-        + [("cache", "build", *data), ("cache", "verify", *data)]
-    )
+    train, build = ("train", *data, *bounds), ("cache", "build", *data)
+    args = rng.choice([train, train, build, ("doctor", *data), ("cache", "verify", *data)])
     prepare = partial(write_data_mutations, damages=tuple(damages))
     detail = "-".join(f"{k}-{slug(h)}" for _, k, h in damages)
     return (
