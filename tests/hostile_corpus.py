@@ -391,7 +391,7 @@ def png_bytes(size: int, colour: int, mode: str = "RGB") -> bytes:
     elif mode != "RGB":
         image = image.convert(mode)
     buf = io.BytesIO()
-    image.save(buf, format="TIFF" if mode == "CMYK" else "PNG")
+    image.save(buf, format="TIFF" if mode in ("CMYK", "F") else "PNG")  # PNG has no such mode
     return buf.getvalue()
 
 
@@ -660,25 +660,32 @@ def generate(seed: int, count: int) -> list[Case]:
     keys = config_keys()
     cases: list[Case] = []
     for i in range(count):
-        rng = random.Random(f"{seed}:{i}")
-        family = CYCLE[i % len(CYCLE)]
-        prepare: Callable[[Path], None] = nothing
-        outputs: tuple[str, ...] | None = ()
-        if family == "config":
-            name, args, prepare = config_case(rng, keys)
-        elif family == "override":
-            name, args = override_case(rng, keys)
-        elif family == "checkpoint":
-            name, args, prepare = checkpoint_case(rng)
-        elif family == "data":
-            name, args, prepare = data_case(rng)
-        elif family == "sample":
-            name, args, outputs = sample_case(rng)
-        else:
-            name, args = export_case(rng)
-        if args[0] in ("train", "cache") and args[:2] != ("cache", "verify"):
-            outputs = None  # may legitimately rewrite its work dir
-        elif args[0] == "sample" and family != "sample":
-            outputs = ("o.png",)
-        cases.append(Case(f"{i:02d}-{family}-{name}", tuple(args), prepare, outputs))
+        for attempt in range(20):  # redraw a case identical to an earlier one
+            case = one_case(f"{seed}:{i}:{attempt}", CYCLE[i % len(CYCLE)], keys, i)
+            if case.id[3:] not in {c.id[3:] for c in cases}:  # ids are "NN-..."
+                break
+        cases.append(case)
     return cases
+
+
+def one_case(seed: str, family: str, keys: list[tuple[str, Any]], index: int) -> Case:
+    rng = random.Random(seed)
+    prepare: Callable[[Path], None] = nothing
+    outputs: tuple[str, ...] | None = ()
+    if family == "config":
+        name, args, prepare = config_case(rng, keys)
+    elif family == "override":
+        name, args = override_case(rng, keys)
+    elif family == "checkpoint":
+        name, args, prepare = checkpoint_case(rng)
+    elif family == "data":
+        name, args, prepare = data_case(rng)
+    elif family == "sample":
+        name, args, outputs = sample_case(rng)
+    else:
+        name, args = export_case(rng)
+    if args[0] in ("train", "cache") and args[:2] != ("cache", "verify"):
+        outputs = None  # may legitimately rewrite its work dir
+    elif args[0] == "sample" and family != "sample":
+        outputs = ("o.png",)
+    return Case(f"{index:02d}-{family}-{name}", tuple(args), prepare, outputs)
