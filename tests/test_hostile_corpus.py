@@ -227,9 +227,12 @@ def outcomes(request, template, tmp_path_factory) -> dict[str, Outcome]:
     def one(case_id: str) -> Outcome:
         base = tmp_path_factory.mktemp(f"case{case_id[:2]}")
         try:
-            return run_case(CASES[case_id], template, template_files, base)
+            outcome = run_case(CASES[case_id], template, template_files, base)
         except Exception as err:  # one broken case must not hide the other cases' results
             return Outcome(CASES[case_id], problems=[f"HARNESS error (not sanakit): {err!r}"])
+        if not outcome.problems:  # ~20 MB each; failing cases stay for inspection
+            shutil.rmtree(base, ignore_errors=True)
+        return outcome
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         results = {o.case.id: o for o in pool.map(one, selected)}
