@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -44,6 +45,7 @@ WORKERS = int(os.environ.get("SANAKIT_FUZZ_WORKERS", "2"))
 TIMEOUT = float(os.environ.get("SANAKIT_FUZZ_TIMEOUT", "90"))
 MEMORY_KB = 6 * 1024 * 1024  # address-space cap per case: a runaway case must not sink the host
 LOCK = ".sanakit.lock"
+EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "KeyError: ..."
 CASES = {case.id: case for case in generate(SEED, COUNT)}
 SETUP = [
     "train",
@@ -141,7 +143,7 @@ def output_problems(outcome: Outcome) -> list[str]:
     if rc < 0:
         problems.append(f"killed by signal {-rc}")
     if "Traceback" in text:
-        last = [line for line in text.splitlines() if line and not line.startswith(" ")]
+        last = [line for line in text.splitlines() if EXCEPTION.match(line)]
         problems.append(f"traceback: {last[-1][:160] if last else '?'}")
     errors = [line for line in outcome.err.splitlines() if line.startswith("error:")]
     errors += [line for line in outcome.out.splitlines() if line.startswith("error:")]
