@@ -266,7 +266,7 @@ def test_two_cache_builds_on_one_cache_dir(tmp_path):
     work = tmp_path / "w"
     args = ["cache", "build", f"--work_dir={work}", *FAST, "--data.max_samples=8"]
     first = subprocess.Popen(
-        slow_write.command(1, *args),  # slow cache writes keep the first build (and its lock)
+        slow_write.command(5, *args),  # slow cache writes keep the first build (and its lock)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

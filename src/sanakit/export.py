@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import SanaPipeline
 
 from sanakit import __version__
 from sanakit.config import to_dict
@@ -201,8 +202,6 @@ def _write_parts(inf: Any, tmp: Path, runnable: bool) -> None:
     encoder = models.text_encoder
     transformer = models.transformer
     if runnable:
-        from diffusers import SanaPipeline
-
         vae = models.autoencoder.module
         # SanaPipeline decodes latents / vae.config.scaling_factor: record the factor we trained
         # with (a config override may differ from the autoencoder's own)

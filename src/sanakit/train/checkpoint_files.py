@@ -142,7 +142,7 @@ def read_config(directory: Path) -> Config:
     path = listed_files(directory).path(CONFIG_FILE)
     text = read_small_text(path)
     with reading(path):
-        return from_yaml_text(text)
+        return from_yaml_text(text, where=str(path))
 
 
 def read_null_embedding(directory: Path, encoder: Any = None) -> NullEmbedding:

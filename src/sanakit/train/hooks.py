@@ -148,7 +148,10 @@ class Metrics:
         if self.writer is not None:
             self.writer.add_scalar("data/skipped_samples", unreadable + skipped_at_index, epoch)
 
-    def close(self) -> None:
+    def __enter__(self) -> Metrics:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
         self.progress.close()
         if self.writer is not None:
             self.writer.close()

@@ -10,6 +10,7 @@ Everything that must survive a restart lives in ``TrainState`` (``state.py``).
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ def train(cfg: Config) -> RunResult:
         if owner is not None and is_fresh_start(cfg.resume_from):
             prepare_fresh_start(Path(cfg.work_dir), cfg.train.overwrite_run)
         accelerator = setup_accelerator(cfg)
-        open_work_dir(cfg, accelerator)
+        log_file = open_log(cfg, accelerator)
         resume_dir = resolve_resume(cfg)
         models = build_models(cfg, accelerator.device)
         # the null embedding is obtained here, whatever the options: never a side effect (Sana #216)
@@ -67,6 +68,9 @@ def train(cfg: Config) -> RunResult:
         state = parts.state
         if resume_dir is not None:
             continue_from(resume_dir, state, cfg)
+        if log_file is not None:  # a start that failed above leaves the work dir as it was
+            atomic_write_text(Path(cfg.work_dir) / "config.yaml", to_yaml(cfg))
+            log_file.commit()
         # FSDP sharded the model in place; otherwise accelerate wraps it (DDP with >1 process)
         wrapped, optimizer = (
             (state.model, state.optimizer)
@@ -75,15 +79,15 @@ def train(cfg: Config) -> RunResult:
         )
         state.grad_scaler = accelerator.scaler
 
-        metrics = Metrics(cfg, accelerator, state)
-        stepper = Stepper(
-            cfg, accelerator, state, wrapped, optimizer, parts.encoders, metrics.timers,
-            keep_per_sigma=metrics.writer is not None,
-        )  # fmt: skip
-        validation = Validation(cfg, accelerator, parts, parts.sharded, metrics.writer)
-        checkpointer = Checkpointer(cfg, accelerator, state.step if resume_dir else -1)
-        finished = state.step >= cfg.train.max_steps
-        with StopPolicy(cfg, accelerator) as stop:
+        # metrics closes its progress bar and tensorboard writer however the run ends
+        with Metrics(cfg, accelerator, state) as metrics, StopPolicy(cfg, accelerator) as stop:
+            stepper = Stepper(
+                cfg, accelerator, state, wrapped, optimizer, parts.encoders, metrics.timers,
+                keep_per_sigma=metrics.writer is not None,
+            )  # fmt: skip
+            validation = Validation(cfg, accelerator, parts, parts.sharded, metrics.writer)
+            checkpointer = Checkpointer(cfg, accelerator, state.step if resume_dir else -1)
+            finished = state.step >= cfg.train.max_steps
             while not (finished or stop.now):
                 epoch = EpochBatches(cfg, parts, accelerator.device, metrics.timers)
                 for micro in epoch:
@@ -106,7 +110,6 @@ def train(cfg: Config) -> RunResult:
                     if finished and checkpointer.last_saved != state.step:
                         metrics.flush()
                         checkpointer.save(state)
-        metrics.close()
         accelerator.wait_for_everyone()
         stopped_by = (stop.reason or "another rank") if stop.now else ""
         return finish(accelerator, state, checkpointer, resume_dir, stopped_by)
@@ -126,14 +129,40 @@ def setup_accelerator(cfg: Config) -> Accelerator:
     )
 
 
-def open_work_dir(cfg: Config, accelerator: Accelerator) -> None:
-    """The resolved config and the log file (main process); the others log warnings only."""
-    work_dir = Path(cfg.work_dir)
+class DeferredLog(logging.handlers.MemoryHandler):
+    """``train.log`` lines held in memory until the run has started (parts built, checkpoint
+    loaded): a run that fails while starting appends nothing to the work dir's log."""
+
+    def __init__(self, path: Path) -> None:
+        target = logging.FileHandler(path, delay=True)  # the file is opened at the first write
+        target.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        super().__init__(capacity=1 << 20, flushLevel=logging.CRITICAL + 1, target=target)
+        self.committed = False
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
+        return self.committed
+
+    def flush(self) -> None:
+        if self.committed:
+            super().flush()
+
+    def commit(self) -> None:
+        self.committed = True
+        self.flush()
+
+    def close(self) -> None:
+        target = self.target
+        super().close()  # flushes only when committed
+        if target is not None:
+            target.close()
+
+
+def open_log(cfg: Config, accelerator: Accelerator) -> DeferredLog | None:
+    """The main process logs to ``train.log`` (deferred); the others log warnings only."""
+    handler = None
     if accelerator.is_main_process:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work_dir / "config.yaml", to_yaml(cfg))
-        handler = logging.FileHandler(work_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+        handler = DeferredLog(Path(cfg.work_dir) / "train.log")
         log.addHandler(handler)
     else:
         log.setLevel(logging.WARNING)
@@ -143,6 +172,7 @@ def open_work_dir(cfg: Config, accelerator: Accelerator) -> None:
         accelerator.device, accelerator.num_processes, accelerator.distributed_type.value,
         accelerator.mixed_precision,
     )  # fmt: skip
+    return handler
 
 
 def continue_from(resume_dir: Path, state: TrainState, cfg: Config) -> None:
