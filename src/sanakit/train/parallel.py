@@ -10,10 +10,12 @@ accelerate refuses FSDP without GPUs: this way one code path runs on GPUs (NCCL)
 (gloo), and the CPU path is what the tests exercise.
 
 Checkpoints always hold full tensors in the single-process layout, so DDP, FSDP and
-single-process runs resume each other's checkpoints: :func:`gather_full` assembles them (every
-rank takes part, one tensor at a time, only the main process keeps the result) and
-:func:`copy_full_` / :func:`shard_optimizer_state` cut a full checkpoint back into this rank's
-shards.
+single-process runs resume each other's checkpoints. The model's weights go through
+``torch.distributed.checkpoint.state_dict`` (``get_/set_model_state_dict`` with full state
+dicts); the EMA shadows and the optimizer state keep the single-process layout (integer
+parameter ids, which DCP's optimizer state dicts replace by names), so :func:`gather_full`
+assembles them (every rank takes part, one tensor at a time, only the main process keeps the
+result) and :func:`copy_full_` / :func:`shard_optimizer_state` cut them back into shards.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -184,8 +191,17 @@ def load_full_model_state(model: torch.nn.Module, full: dict[str, torch.Tensor])
             f"checkpoint model weights do not match the model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); resume with the config it was written with"
         )
-    for name, target in targets.items():
-        copy_full_(target, full[name])
+    # torch.distributed.checkpoint cuts each full tensor into this rank's shard
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+
+
+def full_model_state(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict on CPU; sharded: a collective, kept where ``keep``."""
+    if not is_sharded(model):
+        return model.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 receives
+    full = get_model_state_dict(model, options=options)
+    return full if keep else None
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> dict:

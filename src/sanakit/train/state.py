@@ -51,6 +51,7 @@ from sanakit.train.checkpoint_files import (
 )
 from sanakit.train.parallel import (
     copy_full_,
+    full_model_state,
     gather_full,
     is_sharded,
     load_full_model_state,
@@ -165,14 +166,11 @@ class TrainState:
         the tensors on CPU, the other ranks get None in their place. Otherwise: the live state
         dicts, no copy.
         """
-        states = {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-        }
-        if not is_sharded(self.model):
-            return states
-        return {name: gather_full(s, keep=self.rank == 0) for name, s in states.items()}
+        keep = self.rank == 0
+        states = {"ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if is_sharded(self.model):
+            states = {name: gather_full(s, keep=keep) for name, s in states.items()}
+        return {"model": full_model_state(self.model, keep=keep), **states}
 
     def write(
         self, directory: Path, ranks: list[dict[str, Any]], full: dict[str, Any] | None = None
