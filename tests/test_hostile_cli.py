@@ -40,6 +40,8 @@ TRAIN = [
     Case("zero-cross-head-dim", ["--model.cross_attention_head_dim=0"], "cross_attention_head_dim"),
     Case("zero-mlp-ratio", ["--model.mlp_ratio=0"], "model.mlp_ratio"),
     Case("negative-workers", ["--data.num_workers=-1"], "data.num_workers"),
+    Case("huge-heads", ["--model.num_attention_heads=18446744073709551616"], "<= 65536"),
+    Case("huge-batch", ["--train.train_batch_size=99999999999"], "train.train_batch_size"),
     Case("negative-max-samples", ["--data.max_samples=-5"], "data.max_samples"),
     Case("max-length-one", ["--text_encoder.max_length=1"], "text_encoder.max_length"),
     Case("bare-work-dir", ["--work_dir"], "--work_dir"),

@@ -336,6 +336,11 @@ _NON_NEGATIVE = (
     "scheduler.logit_std",
 )  # fmt: skip
 _UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_rate")
+MODEL_SIZE_MAX = 65_536  # larger than any Sana layer, head or image side; beyond it shapes overflow
+_MODEL_SIZES = tuple(k for k in _POSITIVE if k.startswith("model."))
+COUNT_MAX = 2**31 - 1  # per-step counts a tensor shape or a worker pool must hold
+_COUNTS = ("train.train_batch_size", "train.gradient_accumulation_steps",
+           "train.sampling_steps", "data.num_workers", "text_encoder.max_length")  # fmt: skip
 
 
 def check_seed(seed: int, name: str = "seed") -> int:
@@ -358,11 +363,9 @@ def _check_numbers(cfg: Config) -> None:
         ("> 0", _POSITIVE, lambda v: v > 0),
         (">= 0", _NON_NEGATIVE, lambda v: v >= 0),
         ("in [0, 1]", _UNIT_INTERVAL, lambda v: 0 <= v <= 1),
-        (
-            ">= 2 (room for a token and its end marker)",
-            ("text_encoder.max_length",),
-            lambda v: v >= 2,
-        ),
+        (f"<= {MODEL_SIZE_MAX}", _MODEL_SIZES, lambda v: v <= MODEL_SIZE_MAX),
+        (f"<= {COUNT_MAX}", _COUNTS, lambda v: v <= COUNT_MAX),
+        (">= 2 (a token and its end marker)", ("text_encoder.max_length",), lambda v: v >= 2),
     ):
         bad = [k for k in keys if not ok(attrgetter(k)(cfg))]
         if bad:
