@@ -11,7 +11,7 @@ from sanakit.doctor.check import FAIL, PASS, WARN, Check
 from sanakit.doctor.check import writable_without_trace as writable
 from sanakit.doctor.paths import skip_inside_bad_work_dir
 from sanakit.doctor.probe import Probe
-from sanakit.io.artifacts import Invalid, InvalidKind, load_valid
+from sanakit.io.artifacts import Invalid, InvalidKind, LoadStatus, load_valid
 from sanakit.models.text.null_embedding import (
     IDENTITY,
     describe,
@@ -46,7 +46,7 @@ def check_null_embedding(cfg: Config, probe: Probe) -> Check:
             f"{artifact.path} cannot be used ({bad}); train rebuilds it",
             "nothing to do (the rebuilt file replaces it)",
         )
-    if got.status == "loaded-unkeyed":
+    if got.status is LoadStatus.LOADED_UNKEYED:
         return Check(
             "null_embedding",
             WARN,

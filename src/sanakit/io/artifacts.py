@@ -54,11 +54,20 @@ class Artifact:
     what: str = "artifact"  # words for log lines: "null embedding", "text-embedding cache"
 
 
+class LoadStatus(enum.StrEnum):
+    """How ``get_or_build`` obtained an artifact (its text is what tests and logs show)."""
+
+    LOADED = "loaded"
+    BUILT = "built"
+    REBUILT = "rebuilt"  # an invalid file was replaced
+    LOADED_UNKEYED = "loaded-unkeyed"  # no provenance (e.g. written by Sana), accepted
+
+
 @dataclass
 class Loaded:
     tensors: Tensors
     provenance: dict = field(default_factory=dict)
-    status: str = "loaded"  # loaded | built | rebuilt | loaded-unkeyed
+    status: LoadStatus = LoadStatus.LOADED
     path: Path | None = None
 
 
@@ -132,14 +141,14 @@ def load_valid(artifact: Artifact) -> Loaded:
     if provenance is None:
         if not artifact.accept_unkeyed:
             raise Invalid("no provenance recorded", InvalidKind.STALE)
-        return Loaded(tensors, {}, "loaded-unkeyed", artifact.path)
+        return Loaded(tensors, {}, LoadStatus.LOADED_UNKEYED, artifact.path)
     if provenance.get("key_sha256") != key_hash(artifact.key):
         stored = provenance.get("key", {})
         diff = sorted(
             k for k in set(stored) | set(artifact.key) if stored.get(k) != artifact.key.get(k)
         )
         raise Invalid(f"built for a different {', '.join(diff) or 'key'}", InvalidKind.STALE)
-    return Loaded(tensors, provenance, "loaded", artifact.path)
+    return Loaded(tensors, provenance, LoadStatus.LOADED, artifact.path)
 
 
 def make_provenance(key: dict) -> dict:
@@ -154,13 +163,13 @@ def make_provenance(key: dict) -> dict:
 
 
 def _load_or_build(artifact: Artifact) -> Loaded:
-    status = "built"
+    status = LoadStatus.BUILT
     try:
         return load_valid(artifact)
     except Invalid as bad:
         if bad.kind is not InvalidKind.MISSING:
             log.warning("%s at %s is invalid: %s; rebuilding", artifact.what, artifact.path, bad)
-            status = "rebuilt"
+            status = LoadStatus.REBUILT
     tensors = artifact.build()
     reason = check_tensors(tensors) or (artifact.validate(tensors) if artifact.validate else None)
     if reason:

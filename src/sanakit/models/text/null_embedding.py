@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sanakit.errors import CheckpointError
-from sanakit.io.artifacts import Artifact, get_or_build
+from sanakit.io.artifacts import Artifact, LoadStatus, get_or_build
 from sanakit.models.text.base import TextEncoder
 
 log = logging.getLogger("sanakit")
@@ -106,7 +106,7 @@ def obtain_null_embedding(
     artifact = null_embedding_artifact(encoder, root)
     path = artifact.path
     got = get_or_build(artifact, is_builder=is_builder, barrier=barrier)
-    if got.status == "loaded-unkeyed":
+    if got.status is LoadStatus.LOADED_UNKEYED:
         log.warning(
             "null embedding at %s has no provenance (written by another tool?); its shape "
             "matches, so it is used as the empty-prompt embedding of %s",
@@ -116,7 +116,7 @@ def obtain_null_embedding(
         provenance = {}
     else:
         provenance = got.provenance["key"]
-        word = "loaded" if got.status == "loaded" else "built"
+        word = "loaded" if got.status is LoadStatus.LOADED else "built"
         log.info("%s null embedding %s (%s)", word, path, describe(provenance))
     return NullEmbedding(
         got.tensors[EMBEDS].to(encoder.device, encoder.dtype),
