@@ -241,7 +241,7 @@ def test_two_exports_to_one_destination(tiny_work_dir, tmp_path):
     out = tmp_path / "out"
     lock = destination_lock_file(out)
     first = subprocess.Popen(
-        slow_write.command(8, "export", str(tiny_work_dir), str(out)),  # holds before its rename
+        slow_write.command(1.5, "export", str(tiny_work_dir), str(out)),  # slow fsyncs
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
