@@ -163,6 +163,8 @@ class PretrainedTextEncoder(TextEncoder):
     kind: str = "pretrained"
     #: dtype that ``dtype="auto"`` selects on CUDA
     cuda_default_dtype: torch.dtype = torch.float32
+    #: tokens kept per caption when the caller gives no ``max_length``
+    default_max_length: int = 300
 
     def __init__(
         self,
@@ -170,12 +172,13 @@ class PretrainedTextEncoder(TextEncoder):
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
-        max_length: int,
+        max_length: int | None = None,
         instruction: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
         dtype: str | torch.dtype = "auto",
         name: str | None = None,
     ) -> None:
+        max_length = self.default_max_length if max_length is None else max_length
         check_max_length_setting(max_length)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device, self.cuda_default_dtype)

@@ -37,7 +37,7 @@ class GemmaEncoder(PretrainedTextEncoder):
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
-        max_length: int = 300,
+        max_length: int | None = None,
         instruction: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
         dtype: str | torch.dtype = "auto",

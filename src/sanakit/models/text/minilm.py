@@ -33,6 +33,7 @@ class MiniLMEncoder(PretrainedTextEncoder):
 
     kind = "minilm"
     cuda_default_dtype = torch.float32
+    default_max_length = 128
 
     def __init__(
         self,
@@ -40,7 +41,7 @@ class MiniLMEncoder(PretrainedTextEncoder):
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
-        max_length: int = 128,
+        max_length: int | None = None,
         device: torch.device | str = "cpu",
         dtype: str | torch.dtype = "auto",
         name: str | None = None,

@@ -6,7 +6,6 @@ encoder-only folder both work. No complex human instruction: PixArt models never
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -20,28 +19,6 @@ class T5Encoder(PretrainedTextEncoder):
 
     kind = "t5"
     cuda_default_dtype = torch.bfloat16
-
-    def __init__(
-        self,
-        name_or_path: str | os.PathLike[str] | None = None,
-        *,
-        model: torch.nn.Module | None = None,
-        tokenizer: Any = None,
-        max_length: int = 300,
-        device: torch.device | str = "cpu",
-        dtype: str | torch.dtype = "auto",
-        name: str | None = None,
-    ) -> None:
-        super().__init__(
-            name_or_path,
-            model=model,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            instruction=None,
-            device=device,
-            dtype=dtype,
-            name=name,
-        )
 
     def _model_class(self) -> Any:
         return T5EncoderModel
