@@ -3,6 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+bash scripts/install_browser.sh || exit 1  # the `sanakit serve` tests drive a real browser
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
 # two workers, one test file each at a time (module fixtures are built once per file)

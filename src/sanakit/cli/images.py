@@ -1,131 +1,14 @@
-"""`sanakit train|sample|eval|doctor|cache|export`: parse, call, map errors to exit codes.
-
-A user error (``SanakitError``) prints one line ``error: ...`` and exits with its code (2 by
-default), never a traceback.
-"""
+"""`sanakit sample|eval|export`: commands that read a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
-import sys
 from pathlib import Path
 
+from sanakit.cli.common import OneLineParser
 from sanakit.errors import SanakitError
-
-log = logging.getLogger("sanakit")
-
-USAGE = """usage: sanakit COMMAND [...]
-
-commands:
-  train  [CONFIG.yaml] [--group.key=value ...] [--debug]   train (or resume) a model
-  sample --checkpoint=PATH --prompt=TEXT [...]             sample images from a checkpoint
-  eval   --checkpoint=PATH [...]                           colour/shape adherence (shapes model)
-  export CHECKPOINT OUT_DIR [--ema] [--overwrite]          write a diffusers SanaPipeline folder
-  doctor [CONFIG.yaml] [--group.key=value ...]             preflight checks
-  cache  build|verify [CONFIG.yaml] [--group.key=value ...] precompute / check the caches
-
-With no CONFIG the packaged default is used (built-in shapes, MiniLM, pixel space, tiny model).
-Overrides follow Sana: --train.train_batch_size=8 --data.data_dir="[a,b]".
-"""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SanakitError(f"{self.prog}: {message}; see `{self.prog} --help`")
-
-
-def setup_console_logging(verbose: bool = False) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # per-tensor "Loading weights" bars of a 22M-parameter encoder are noise, not progress
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("sanakit %(levelname)s: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
-    for noisy in ("transformers", "diffusers", "accelerate", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # The libraries read these when first imported. Importing them here just to set a level
-    # cost ~2.5 s per command, so bad input failed slowly; only already-imported ones are set.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].logging.set_verbosity_error()
-    if "diffusers" in sys.modules:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-
-
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] --k=v ...`` -> (CONFIG or None, overrides)."""
-    config = None
-    overrides = []
-    for arg in args:
-        if arg.startswith("--"):
-            overrides.append(arg)
-        elif config is None and (arg.endswith((".yaml", ".yml")) or Path(arg).exists()):
-            config = arg
-        elif "=" in arg:
-            overrides.append(arg)
-        elif config is None:
-            config = arg
-        else:
-            raise SanakitError(
-                f"unexpected argument '{arg}'; overrides look like --group.key=value"
-            )
-    return config, overrides
-
-
-DRY_RUN_FLAGS = ("--dry_run", "--dry-run", "--train.dry_run")  # the last: the older spelling
-FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True}
-FLAG_WORDS.update({"false": False, "no": False, "off": False, "0": False})
-
-
-def pop_dry_run(overrides: list[str]) -> tuple[bool, list[str]]:
-    """Take ``--dry_run[=BOOL]`` out of the overrides: a CLI flag, not part of the config."""
-    dry, rest = False, []
-    for arg in overrides:
-        flag, has_value, raw = arg.partition("=")
-        if flag not in DRY_RUN_FLAGS:
-            rest.append(arg)
-            continue
-        word = raw.strip("\"'").lower() if has_value else "true"
-        if word not in FLAG_WORDS:
-            raise SanakitError(f"{flag}={raw} must be true or false; write {flag} alone for true")
-        dry = FLAG_WORDS[word]
-    return dry, rest
-
-
-def cmd_train(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    from sanakit.config import load_config
-
-    config, overrides = split_config_args(args)
-    dry, overrides = pop_dry_run(overrides)
-    cfg = load_config(config, overrides)
-    if dry:
-        from sanakit.train.dry_run import dry_run
-
-        return dry_run(cfg)
-    from sanakit.doctor import preflight
-
-    # before importing the training stack: a FAIL then costs ~1 s instead of ~5 s
-    preflight(cfg)
-    from sanakit.train.loop import train
-
-    train(cfg)
-    return 0
 
 
 def sample_parser(prog: str = "sanakit sample") -> OneLineParser:
@@ -291,24 +174,6 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-def cmd_doctor(args: list[str]) -> int:
-    """``sanakit doctor [CONFIG] [overrides]``: one PASS/WARN/FAIL line per check; 1 on a FAIL."""
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    from sanakit.config import load_config
-    from sanakit.doctor import run_doctor
-
-    try:
-        config, overrides = split_config_args(args)
-        cfg = load_config(config, overrides)
-    except SanakitError as err:
-        # a config that does not resolve is itself a failed check, in the same line format
-        print(f"FAIL config: {err} -> fix the config file or override named here", flush=True)
-        return 1
-    return run_doctor(cfg, config or "")
-
-
 def cmd_export(args: list[str]) -> int:
     """`sanakit export CHECKPOINT OUT_DIR [--ema] [--overwrite]`: a SanaPipeline folder."""
     p = OneLineParser(prog="sanakit export", description="Export a checkpoint for diffusers.")
@@ -341,89 +206,3 @@ def cmd_export(args: list[str]) -> int:
         f"{result.settings['step']}, from {result.checkpoint})"
     )
     return 0
-
-
-CACHE_USAGE = """usage: sanakit cache build|verify [CONFIG.yaml] [--group.key=value ...]
-
-  build   compute and write every caption embedding and latent of the dataset
-  verify  report missing, corrupt and stale entries; exit 0 if complete, 1 if not
-The cache lives in train.cache_dir (default WORK_DIR/cache).
-"""
-
-
-def cmd_cache(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help"):
-        print(CACHE_USAGE)
-        return 0 if args else 2
-    action, rest = args[0], args[1:]
-    if action not in ("build", "verify"):
-        raise SanakitError(f"unknown cache action '{action}'; use `sanakit cache build|verify`")
-    if any(a in ("-h", "--help") for a in rest):
-        print(CACHE_USAGE)
-        return 0
-    from sanakit.config import load_config
-    from sanakit.embeddings.commands import build_caches, format_verify, open_caches, verify_caches
-    from sanakit.embeddings.store import cache_root
-    from sanakit.io.ownership import own
-
-    config, overrides = split_config_args(rest)
-    cfg = load_config(config, overrides)
-    if action == "build":
-        with own(cache_root(cfg), "sanakit cache build", subject="cache dir"):
-            r = build_caches(open_caches(cfg, "readwrite"))
-        text, latents = r["text"], r["latents"]
-        print(f"cache {r['root']}: {r['samples']} samples ({r['unreadable']} unreadable)")
-        print(
-            f"text embeddings: {r['captions']} captions, {text['computed']} computed "
-            f"({text['invalid']} replaced invalid entries), {text['read']} already valid"
-        )
-        if latents is None:
-            print("latents: skipped (vae.type=pixel trains on pixels: no latent cache)")
-        else:
-            print(
-                f"latents: {r['images']} images{' (both flips)' if r['flip_variants'] else ''}, "
-                f"{latents['computed']} computed ({latents['invalid']} replaced invalid "
-                f"entries), {latents['read']} already valid"
-            )
-        print(f"done in {r['seconds']:.1f}s")
-        return 0
-    sections, unreadable = verify_caches(open_caches(cfg, "read"))
-    print(format_verify(sections, unreadable, cache_root(cfg)))
-    return 1 if any(s.problems() for s in sections) else 0
-
-
-COMMANDS = {
-    "train": cmd_train,
-    "sample": cmd_sample,
-    "eval": cmd_eval,
-    "export": cmd_export,
-    "doctor": cmd_doctor,
-    "cache": cmd_cache,
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(
-            f"error: unknown command '{command}'; use one of: {', '.join(COMMANDS)}",
-            file=sys.stderr,
-        )
-        return 2
-    setup_console_logging()
-    try:
-        return COMMANDS[command](rest)
-    except SanakitError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
