@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sanakit.errors import SanakitError
 
@@ -58,6 +59,21 @@ def setup_console_logging(verbose: bool = False) -> None:
         from diffusers.utils import logging as dlog
 
         dlog.set_verbosity_error()
+
+
+def load_run_config(config: str | None, overrides: list[str]) -> Any:
+    """``load_config`` plus ``model.pretrained``'s architecture and parts (train, doctor, cache).
+
+    Only a config naming a pretrained model imports the model stack here (a few seconds).
+    """
+    from sanakit.config import load_config, user_set_keys
+
+    cfg = load_config(config, overrides)
+    if not cfg.model.pretrained:
+        return cfg
+    from sanakit.models.pretrained_config import resolve_pretrained
+
+    return resolve_pretrained(cfg, user_set_keys(config, overrides))
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:

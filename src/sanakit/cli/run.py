@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sanakit.cli.common import USAGE, pop_dry_run, split_config_args
+from sanakit.cli.common import USAGE, load_run_config, pop_dry_run, split_config_args
 from sanakit.errors import SanakitError
 
 
@@ -10,11 +10,9 @@ def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    from sanakit.config import load_config
-
     config, overrides = split_config_args(args)
     dry, overrides = pop_dry_run(overrides)
-    cfg = load_config(config, overrides)
+    cfg = load_run_config(config, overrides)
     if dry:
         from sanakit.train.dry_run import dry_run
 
@@ -34,12 +32,11 @@ def cmd_doctor(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    from sanakit.config import load_config
     from sanakit.doctor import run_doctor
 
     try:
         config, overrides = split_config_args(args)
-        cfg = load_config(config, overrides)
+        cfg = load_run_config(config, overrides)
     except SanakitError as err:
         # a config that does not resolve is itself a failed check, in the same line format
         print(f"FAIL config: {err} -> fix the config file or override named here", flush=True)
@@ -65,13 +62,12 @@ def cmd_cache(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(CACHE_USAGE)
         return 0
-    from sanakit.config import load_config
     from sanakit.embeddings.commands import build_caches, format_verify, open_caches, verify_caches
     from sanakit.embeddings.store import cache_root
     from sanakit.io.ownership import own
 
     config, overrides = split_config_args(rest)
-    cfg = load_config(config, overrides)
+    cfg = load_run_config(config, overrides)
     if action == "build":
         with own(cache_root(cfg), "sanakit cache build", subject="cache dir"):
             r = build_caches(open_caches(cfg, "readwrite"))

@@ -37,6 +37,7 @@ from sanakit.config.schema import (
     packaged_config_path,
     schema_types,
 )
+from sanakit.config.user_keys import user_set_keys
 from sanakit.config.yaml_text import load_yaml
 
 __all__ = [
@@ -72,5 +73,6 @@ __all__ = [
     "schema_types",
     "to_dict",
     "to_yaml",
+    "user_set_keys",
     "validate",
 ]

@@ -48,6 +48,9 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     gradient_checkpointing: bool = False
     multi_scale: bool = False  # aspect-ratio buckets
+    # a diffusers SanaPipeline folder, a cached repo id or a transformer folder: the architecture
+    # and (on a fresh start) the weights; see models/pretrained.py
+    pretrained: str = ""
 
 
 @dataclass

@@ -27,6 +27,7 @@ class ModelRole(Enum):
 
     TEXT_ENCODER = ("text encoder", "text_encoder.name_or_path")
     AUTOENCODER = ("autoencoder", "vae.name_or_path")
+    PRETRAINED = ("pretrained model", "model.pretrained")
 
     @property
     def what(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +11,11 @@ from safetensors.torch import load_file
 
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
+from sanakit.models.pretrained import build_pretrained_transformer
+from sanakit.models.sana_checkpoint import read_nvlabs_checkpoint
+
+#: load_from files read as NVlabs/Sana trainer checkpoints (torch.load, weights only)
+TORCH_SUFFIXES = (".pth", ".pt")
 
 
 def transformer_kwargs(cfg: Config, in_channels: int, caption_channels: int, factor: int) -> dict:
@@ -35,19 +41,50 @@ def transformer_kwargs(cfg: Config, in_channels: int, caption_channels: int, fac
 def build_transformer(
     cfg: Config, in_channels: int, caption_channels: int, factor: int
 ) -> SanaTransformer2DModel:
-    """A freshly initialised transformer (seed it before calling for reproducible weights)."""
-    model = SanaTransformer2DModel(**transformer_kwargs(cfg, in_channels, caption_channels, factor))
+    """A freshly initialised transformer (seed it before calling for reproducible weights).
+
+    With ``model.pretrained`` the architecture is that model's config.json, exactly.
+    """
+    if cfg.model.pretrained:
+        model = build_pretrained_transformer(cfg.model.pretrained, in_channels, caption_channels)
+    else:
+        model = SanaTransformer2DModel(
+            **transformer_kwargs(cfg, in_channels, caption_channels, factor)
+        )
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> str:
-    """Load weights only (fine-tuning) from a sanakit checkpoint dir or a diffusers folder.
+@dataclass
+class LoadedWeights:
+    """What ``load_from`` put into the model, and the EMA weights it also held (if any)."""
 
-    Returns a short description of what was loaded. Shapes must match exactly.
-    """
+    description: str  # one line for the log
+    ema: dict[str, torch.Tensor] | None = None
+
+
+def load_nvlabs_weights(model: torch.nn.Module, path: Path) -> LoadedWeights:
+    """An NVlabs/Sana trainer ``.pth``: model weights now, the EMA for the caller to take."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    found = read_nvlabs_checkpoint(path, shapes)
+    with torch.no_grad():
+        model.load_state_dict(found.model)
+    ema = f" and EMA ({len(found.ema)} tensors)" if found.ema is not None else " (no EMA in it)"
+    skipped = ", ".join(found.not_loaded) or "nothing"
+    return LoadedWeights(
+        f"NVlabs/Sana checkpoint {path}: model ({len(found.model)} tensors){ema}; not loaded: "
+        f"{skipped} (optimizer and RNG state do not carry over)",
+        found.ema,
+    )
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> LoadedWeights:
+    """Load weights only (fine-tuning) from a sanakit checkpoint dir, a diffusers folder, a
+    ``.safetensors`` file or an NVlabs/Sana trainer ``.pth``. Shapes must match exactly."""
     path = Path(path)
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        return load_nvlabs_weights(model, path)
     candidates = [
         path / "model.safetensors",  # a sanakit checkpoint
         path / "diffusion_pytorch_model.safetensors",  # a diffusers transformer folder
@@ -59,7 +96,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
     if found is None:
         raise CheckpointError(
             f"load_from={path} holds no model.safetensors or diffusers transformer weights; "
-            "point it at a sanakit checkpoint or a diffusers Sana transformer folder"
+            "point it at a sanakit checkpoint, a diffusers Sana transformer folder or an "
+            "NVlabs/Sana .pth"
         )
     try:
         state = load_file(str(found))
@@ -76,7 +114,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
             f"{(mismatched or missing)[0]}); match the model.* settings to those weights"
         )
     model.load_state_dict(state, strict=False)
-    return str(found)
+    return LoadedWeights(f"weights from {found}")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

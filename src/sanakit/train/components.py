@@ -18,9 +18,10 @@ from sanakit.embeddings.latents import LatentCache
 from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.errors import ConfigError
 from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.pretrained import base_identity, load_pretrained_weights
 from sanakit.models.text import build_text_encoder
 from sanakit.models.text.null_embedding import NullEmbedding
-from sanakit.models.transformer import build_transformer, load_weights
+from sanakit.models.transformer import LoadedWeights, build_transformer, load_weights
 from sanakit.train import parallel
 from sanakit.train.state import EMA, TrainState
 
@@ -129,6 +130,18 @@ class Parts:
         return self.models.autoencoder
 
 
+def initial_weights(cfg: Config, model: torch.nn.Module) -> LoadedWeights | None:
+    """A fresh start's weights: ``load_from`` if given, else ``model.pretrained``'s, else the
+    seeded random init. A resumed run takes every weight from its checkpoint instead."""
+    if cfg.load_from:
+        loaded = load_weights(model, cfg.load_from)
+        log.info("loaded %s", loaded.description)
+        return loaded
+    if cfg.model.pretrained:
+        log.info("loaded %s", load_pretrained_weights(model, cfg.model.pretrained))
+    return None
+
+
 def build_parts(
     cfg: Config, accelerator: Any, models: Models, null: NullEmbedding, resuming: bool
 ) -> Parts:
@@ -147,8 +160,7 @@ def build_parts(
             "%d samples per epoch do not fill a batch for every rank", sampler.dropped_per_epoch
         )
     model = models.transformer
-    if cfg.load_from and not resuming:
-        log.info("loaded weights from %s", load_weights(model, cfg.load_from))
+    loaded = None if resuming else initial_weights(cfg, model)
     sharded = parallel.use_fsdp(cfg, world)
     if sharded:  # in place, before the optimizer and the EMA take the (now sharded) parameters
         log.info(parallel.shard_transformer(model, device, world))
@@ -165,4 +177,8 @@ def build_parts(
         rank=rank,
         world_size=world,
     )
+    if loaded is not None and loaded.ema is not None:  # an NVlabs checkpoint's own EMA
+        state.ema.load_state_dict(loaded.ema)
+    if cfg.model.pretrained:  # which base this run started from (LoRA checks it on resume)
+        state.extra["base_model"] = base_identity(cfg.model.pretrained).to_dict()
     return Parts(models, encoders, dataset, state, sharded, latent_shape(cfg, models.autoencoder))
