@@ -24,6 +24,7 @@ from sanakit.doctor.distributed import check_distributed
 from sanakit.doctor.models import check_autoencoder, check_memory, check_model, check_text_encoder
 from sanakit.doctor.null_embedding import check_null_embed_provenance, check_null_embedding
 from sanakit.doctor.paths import check_cache, check_disk, check_null_embed_root, check_work_dir
+from sanakit.doctor.pretrained import check_base_model, check_pretrained
 from sanakit.doctor.probe import Probe
 from sanakit.errors import SanakitError
 
@@ -39,6 +40,7 @@ CHEAP_CHECKS: tuple[CheckFn, ...] = (
     check_data,
     check_resume_target,
     check_checkpoint_model,
+    check_base_model,
     check_distributed,
 )
 
@@ -49,11 +51,13 @@ DOCTOR_CHECKS: tuple[CheckFn, ...] = (
     check_text_encoder,
     check_autoencoder,
     check_model,
+    check_pretrained,
     check_disk,
     check_memory,
     check_null_embedding,
     check_resume_target,
     check_checkpoint_model,
+    check_base_model,
     check_null_embed_provenance,
     check_distributed,
 )

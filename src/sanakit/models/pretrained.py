@@ -149,6 +149,11 @@ def base_identity(spec: str) -> BaseModelIdentity:
     )
 
 
+def architecture_of(spec: str) -> str:
+    """The architecture hash alone (no weight hashing: cheap enough for train's preflight)."""
+    return _architecture_hash(locate_pretrained(spec).config)
+
+
 def check_fits(source: PretrainedSource, latent_channels: int, caption_channels: int) -> None:
     """The transformer must take the autoencoder's latents and the text encoder's embeddings."""
     pairs = (
