@@ -20,7 +20,7 @@ from diffusers import SanaTransformer2DModel
 from safetensors.torch import load_file
 
 from sanakit.cli.common import load_run_config
-from sanakit.config import user_set_keys
+from sanakit.config import load_config, user_set_keys
 from sanakit.errors import CheckpointError, ConfigError, ModelLoadError
 from sanakit.models.pretrained import base_identity, locate_pretrained
 from sanakit.models.pretrained_config import SANA_MAX_LENGTH
@@ -90,6 +90,8 @@ def test_a_repo_id_is_found_in_the_local_cache_offline(pipe: Path, tmp_path, mon
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     source = locate_pretrained("tiny-org/tiny-sana")
     assert source.root == repo / "snapshots" / "0123abcd" and source.sharded
+    cfg = resolved("--model.pretrained=tiny-org/tiny-sana")  # parts named by the repo id too
+    assert cfg.vae.name_or_path == cfg.text_encoder.name_or_path == "tiny-org/tiny-sana"
     # the same bytes are the same base model, wherever they live
     assert base_identity("tiny-org/tiny-sana").fingerprint == base_identity(str(pipe)).fingerprint
     with pytest.raises(ModelLoadError, match="not available offline.*model.pretrained"):
@@ -259,8 +261,21 @@ def test_runs_record_the_base_and_resume_rebuilds_the_same_model(
     got = load_file(b / "checkpoints/step_00000002/model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
+    from sanakit.doctor.checkpoints import check_checkpoint_model
     from sanakit.doctor.pretrained import check_base_model
     from sanakit.doctor.probe import Probe
+    from sanakit.models.transformer import build_transformer
+
+    # resuming without model.pretrained, or building from a config not resolved against it
+    plain = load_config(None, [f"--work_dir={a}", *QUICK])
+    line = check_checkpoint_model(plain, Probe(plain, full=False)).line()
+    assert (
+        line.startswith("FAIL checkpoint_model:") and f"model.pretrained: checkpoint {pipe}" in line
+    )
+    with pytest.raises(
+        ConfigError, match="model.patch_size=4 but model.pretrained=.* patch_size=2"
+    ):
+        build_transformer(load_config(None, [f"--model.pretrained={pipe}"]), 4, 64, 2)
 
     changed = tmp_path / "changed"
     shutil.copytree(pipe, changed)

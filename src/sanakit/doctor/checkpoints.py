@@ -60,6 +60,8 @@ def check_checkpoint_model(cfg: Config, probe: Probe) -> Check:
         return Check("checkpoint_model", PASS, "no checkpoint to resume: nothing to compare")
     saved = saved_config(r.path)
     pairs = [(f"model.{k}", saved.model, cfg.model, k) for k in ARCH_KEYS]
+    if bool(saved.model.pretrained) != bool(cfg.model.pretrained):  # a moved folder is fine
+        pairs += [("model.pretrained", saved.model, cfg.model, "pretrained")]
     pairs += [("vae.type", saved.vae, cfg.vae, "type")]
     pairs += [("text_encoder.type", saved.text_encoder, cfg.text_encoder, "type")]
     diffs = [

@@ -61,6 +61,12 @@ class PretrainedSource:
     def weight_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weight_files)
 
+    @property
+    def reference(self) -> str:
+        """How a config should name this model: the repo id for a cached one (its snapshot
+        folder is an implementation detail of the cache), else the absolute folder."""
+        return str(self.root) if Path(self.spec).expanduser().is_dir() else self.spec
+
     def component(self, name: str) -> Path | None:
         """A pipeline's ``name/`` folder when it holds a config, else None."""
         folder = self.root / name

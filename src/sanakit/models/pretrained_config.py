@@ -53,6 +53,19 @@ def _agree(cfg: Config, source: PretrainedSource, user_set: Set[str]) -> None:
         setattr(cfg.model, key, type(mine)(theirs))
 
 
+def check_resolved(cfg: Config) -> None:
+    """A config naming ``model.pretrained`` must carry its architecture (``resolve_pretrained``
+    did it, or it was saved by a run that did): else shapes elsewhere would be computed wrong."""
+    source = locate_pretrained(cfg.model.pretrained)
+    for key in ARCH_KEYS:
+        if getattr(cfg.model, key) != source.config[key]:
+            raise ConfigError(
+                f"model.{key}={getattr(cfg.model, key)} but model.pretrained={source.spec} has "
+                f"{key}={source.config[key]}: resolve the config with the pretrained model "
+                f"(sanakit.cli.common.load_run_config), or drop --model.{key}"
+            )
+
+
 def _downsample_factor(vae_config: dict) -> int | None:
     channels = vae_config.get("encoder_block_out_channels") or vae_config.get("block_out_channels")
     return 2 ** (len(channels) - 1) if isinstance(channels, list) and channels else None
@@ -71,7 +84,7 @@ def _take_vae(cfg: Config, source: PretrainedSource, user_set: Set[str]) -> int 
             f"which sanakit cannot use; set --vae.type and --vae.name_or_path"
         )
     cfg.vae.type = type(cfg.vae.type)(kind)
-    cfg.vae.name_or_path = str(source.root)
+    cfg.vae.name_or_path = source.reference
     return _downsample_factor(vae_config)
 
 
@@ -87,7 +100,7 @@ def _take_text_encoder(cfg: Config, source: PretrainedSource, user_set: Set[str]
             f"sanakit cannot use; set --text_encoder.type and --text_encoder.name_or_path"
         )
     cfg.text_encoder.type = type(cfg.text_encoder.type)(kind)
-    cfg.text_encoder.name_or_path = str(source.root)
+    cfg.text_encoder.name_or_path = source.reference
 
 
 def _sana_text_defaults(cfg: Config, user_set: Set[str]) -> None:

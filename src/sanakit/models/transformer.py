@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
 from sanakit.models.pretrained import build_pretrained_transformer
+from sanakit.models.pretrained_config import check_resolved
 from sanakit.models.sana_checkpoint import read_nvlabs_checkpoint
 
 #: load_from files read as NVlabs/Sana trainer checkpoints (torch.load, weights only)
@@ -46,6 +47,7 @@ def build_transformer(
     With ``model.pretrained`` the architecture is that model's config.json, exactly.
     """
     if cfg.model.pretrained:
+        check_resolved(cfg)
         model = build_pretrained_transformer(cfg.model.pretrained, in_channels, caption_channels)
     else:
         model = SanaTransformer2DModel(
