@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from sanakit.cli.common import load_run_config
 from sanakit.config import load_config, user_set_keys
 from sanakit.errors import CheckpointError, ConfigError, ModelLoadError
-from sanakit.models.pretrained import base_identity, locate_pretrained
+from sanakit.models.pretrained import BaseModelIdentity, base_identity, locate_pretrained
 from sanakit.models.pretrained_config import SANA_MAX_LENGTH
 from sanakit.models.sana_checkpoint import convert_state, to_nvlabs_names
 from sanakit.models.text import SANA_COMPLEX_HUMAN_INSTRUCTION
@@ -111,6 +111,12 @@ def test_bad_folders_are_one_line(pipe: Path, tmp_path: Path) -> None:
     (pickled / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelLoadError, match="only pickle weights"):
         locate_pretrained(str(pickled))
+    huge = tmp_path / "huge"
+    shutil.copytree(pipe / "transformer", huge)
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "num_layers": 10**9}))
+    with pytest.raises(ModelLoadError, match="num_layers=1000000000, not a size"):
+        locate_pretrained(str(huge))
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "config.json").write_text('["a list"]')
@@ -254,7 +260,8 @@ def test_runs_record_the_base_and_resume_rebuilds_the_same_model(
     a = tmp_path / "a"
     train_quick(pipe, a, "--train.max_steps=2", "--train.save_model_steps=1")
     trainer = json.loads((a / "checkpoints/step_00000002/trainer_state.json").read_text())
-    assert trainer["base_model"] == base_identity(str(pipe)).to_dict()
+    recorded = BaseModelIdentity.from_dict(trainer["base_model"])
+    assert recorded == base_identity(str(pipe)) and recorded.path == str(pipe / "transformer")
     b = tmp_path / "b"
     train_quick(pipe, b, "--train.max_steps=2", f"--resume_from={a}/checkpoints/step_00000001")
     want = load_file(a / "checkpoints/step_00000002/model.safetensors")

@@ -14,7 +14,12 @@ from pathlib import Path
 from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, Check
 from sanakit.doctor.probe import Probe
-from sanakit.models.pretrained import architecture_of, base_identity, locate_pretrained
+from sanakit.models.pretrained import (
+    BaseModelIdentity,
+    architecture_of,
+    base_identity,
+    locate_pretrained,
+)
 from sanakit.models.sana_checkpoint import read_nvlabs_checkpoint
 from sanakit.models.transformer import TORCH_SUFFIXES
 from sanakit.train.state import read_trainer_state
@@ -79,17 +84,17 @@ def check_base_model(cfg: Config, probe: Probe) -> Check:
         return Check(
             "base_model", PASS, "no resumed run from a pretrained model: nothing to compare"
         )
-    recorded = read_trainer_state(resume.path).get(BASE_KEY)
-    if not isinstance(recorded, dict):
+    recorded = BaseModelIdentity.from_dict(read_trainer_state(resume.path).get(BASE_KEY))
+    if recorded is None:
         return Check("base_model", PASS, f"{resume.path.name} records no base model")
     now = architecture_of(cfg.model.pretrained)
     where = locate_pretrained(cfg.model.pretrained).transformer_dir
-    if recorded.get("architecture") != now:
+    if recorded.architecture != now:
         return Check(
             "base_model",
             FAIL,
             f"the base model's config changed since {resume.path.name} was written "
-            f"(architecture {str(recorded.get('architecture'))[:12]} there, "
+            f"(architecture {recorded.architecture[:12]} there, "
             f"{now[:12]} in {where})",
             "restore that model's config.json, point --model.pretrained at the original, or "
             "start a new --work_dir",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers import SanaTransformer2DModel
 
+from sanakit.config import MODEL_SIZE_MAX
 from sanakit.errors import ModelLoadError, SanakitError
 from sanakit.models.fingerprint import combine, hash_weight_files, stable_config
 from sanakit.models.hub import (
@@ -36,6 +37,11 @@ from sanakit.models.hub import (
 
 ROLE = ModelRole.PRETRAINED
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
+SIZE_KEYS = (  # config.json keys that size the model's tensors
+    "in_channels", "num_attention_heads", "attention_head_dim", "num_layers",
+    "num_cross_attention_heads", "cross_attention_head_dim", "cross_attention_dim",
+    "caption_channels", "mlp_ratio", "sample_size", "patch_size",
+)  # fmt: skip
 FIX = "point --model.pretrained at a diffusers SanaPipeline folder or a Sana transformer folder"
 
 
@@ -92,13 +98,34 @@ class BaseModelIdentity:
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Any) -> BaseModelIdentity | None:
+        """A recorded identity (``trainer_state.json``'s ``base_model``); None if unusable."""
+        names = ("source", "path", "fingerprint", "architecture")
+        if not isinstance(data, dict) or not all(isinstance(data.get(n), str) for n in names):
+            return None
+        return cls(**{n: data[n] for n in names})
+
 
 def _architecture_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(stable_config(config), sort_keys=True).encode()).hexdigest()
 
 
+def _check_sizes(folder: Path, raw: dict[str, Any], spec: str) -> None:
+    """Sizes must be positive numbers a model can have (a hostile 10**9 layers is one line)."""
+    for key in SIZE_KEYS:
+        value = raw.get(key, 1)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and 0 < value <= MODEL_SIZE_MAX and (key == "mlp_ratio" or value == int(value))):
+            raise ModelLoadError(
+                f"model.pretrained={spec}: {folder}/config.json has {key}={value!r}, not a size "
+                f"a Sana transformer can have; {FIX}"
+            )
+
+
 def _full_config(folder: Path, raw: dict[str, Any], spec: str) -> dict[str, Any]:
     """The constructor config diffusers builds from ``raw`` (every default filled in)."""
+    _check_sizes(folder, raw, spec)
     try:
         with torch.device("meta"):  # a hostile config with huge sizes costs nothing here
             model = SanaTransformer2DModel.from_config(raw)
