@@ -150,15 +150,31 @@ def test_sharded_weights_load_and_a_bare_folder_works(pipe: Path, tmp_path: Path
 # ---------------------------------------------------------------------------- NVlabs .pth
 
 
+# NVlabs/Sana's names for a one-block model, as diffusers' conversion script reads them
+SANA_TOP = {
+    *(f"{m}.{p}" for m in ("x_embedder.proj", "y_embedder.y_proj.fc1", "y_embedder.y_proj.fc2",
+                           "t_embedder.mlp.0", "t_embedder.mlp.2", "t_block.1",
+                           "final_layer.linear") for p in ("weight", "bias")),
+    "attention_y_norm.weight", "final_layer.scale_shift_table",
+}  # fmt: skip
+SANA_BLOCK = {
+    "scale_shift_table", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias",
+    "cross_attn.q_linear.weight", "cross_attn.q_linear.bias", "cross_attn.kv_linear.weight",
+    "cross_attn.kv_linear.bias", "cross_attn.proj.weight", "cross_attn.proj.bias",
+    "mlp.inverted_conv.conv.weight", "mlp.inverted_conv.conv.bias", "mlp.depth_conv.conv.weight",
+    "mlp.depth_conv.conv.bias", "mlp.point_conv.conv.weight",
+}  # fmt: skip
+
+
 def test_the_key_map_covers_diffusers_names_and_splits_fused_projections() -> None:
-    model = tiny_sana_transformer(num_layers=2)
-    state = model.state_dict()
-    nvlabs = to_nvlabs_names(state)
-    assert not any(k.startswith("transformer_blocks") for k in nvlabs)
-    assert "blocks.1.attn.qkv.weight" in nvlabs and "blocks.0.cross_attn.kv_linear.bias" in nvlabs
-    back, unknown = convert_state(nvlabs)
-    assert unknown == [] and back.keys() == state.keys()  # every diffusers key, no other
-    assert all(torch.equal(back[k], state[k]) for k in state)
+    one = to_nvlabs_names(tiny_sana_transformer(num_layers=1).state_dict())
+    assert one.keys() == SANA_TOP | {f"blocks.0.{name}" for name in SANA_BLOCK}
+    # Sana 1.5's q/k norms too: every diffusers tensor maps there and back, no other
+    for model in (tiny_sana_transformer(num_layers=2), qk_norm_transformer()):
+        state = model.state_dict()
+        back, unknown = convert_state(to_nvlabs_names(state))
+        assert unknown == [] and back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)
     # the fused layouts as NVlabs/Sana writes them: q, k, v stacked on the output dim
     qkv = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(12, 2)
     kv = torch.arange(2 * 4, dtype=torch.float32).reshape(8)
@@ -167,6 +183,14 @@ def test_the_key_map_covers_diffusers_names_and_splits_fused_projections() -> No
     )
     assert torch.equal(split["transformer_blocks.0.attn1.to_k.weight"], qkv[4:8])
     assert torch.equal(split["transformer_blocks.0.attn2.to_v.bias"], kv[4:])
+
+
+def qk_norm_transformer() -> SanaTransformer2DModel:
+    return SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=8, sample_size=8, patch_size=1, qk_norm="rms_norm_across_heads",
+    )  # fmt: skip
 
 
 def nvlabs_file(path: Path, model: torch.nn.Module, ema_offset: float = 0.5) -> Path:
