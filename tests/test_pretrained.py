@@ -226,6 +226,12 @@ def test_an_nvlabs_checkpoint_loads_model_and_ema(tmp_path: Path) -> None:
     assert "not loaded: optimizer, scheduler, epoch, rng_state, pos_embed, y_embedder" in (
         loaded.description
     )
+    # a released .pth (state_dict alone) and a DDP one ("module." prefixes) load as well
+    released = tmp_path / "Sana_released.pth"
+    nvlabs = to_nvlabs_names(want)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in nvlabs.items()}}, released)
+    again = load_weights(tiny_sana_transformer(seed=3), released)
+    assert again.ema is None and "(no EMA in it); not loaded: nothing" in again.description
 
 
 def test_unknown_layouts_misfits_and_code_are_refused_in_one_line(tmp_path: Path) -> None:
