@@ -43,7 +43,7 @@ def cmd_serve(args: list[str]) -> int:
     opts = serve_parser().parse_args(args)
     if not 1 <= opts.port <= 65535:
         raise SanakitError(f"--port={opts.port} must be from 1 to 65535")
-    from sanakit.serve.run_view import check_run_dir
+    from sanakit.serve.work_dir import check_run_dir
 
     work_dir = check_run_dir(Path(opts.work_dir))
     if opts.host not in LOCAL_HOSTS:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sanakit.config import Config, from_yaml_text
 from sanakit.errors import SanakitError
-from sanakit.io.ownership import LOCK_NAME, abandoned_owner, current_owner
+from sanakit.io.ownership import abandoned_owner, current_owner
 from sanakit.serve.checkpoints import CheckpointInfo, CheckpointList
 from sanakit.serve.files import PublicFiles
 from sanakit.serve.metrics import SCALAR_TAGS, MetricsTail, ScalarLog, Series
@@ -25,25 +25,6 @@ from sanakit.serve.metrics import SCALAR_TAGS, MetricsTail, ScalarLog, Series
 MAX_GRIDS = 8  # validation grids on the page, newest first
 STALL_SECONDS = 600  # a held lock with no new step for this long is shown as stalled
 SNAPSHOT_TTL = 1.0  # seconds one snapshot serves every open page
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", LOCK_NAME)
-
-
-class NotARun(SanakitError):
-    """WORK_DIR is missing or holds no sanakit run."""
-
-
-def check_run_dir(work_dir: Path) -> Path:
-    """``work_dir`` made absolute if it holds a run (or one starting); else one clear error."""
-    if not work_dir.exists():
-        raise NotARun(f"WORK_DIR {work_dir} does not exist; pass the --work_dir of a run")
-    if not work_dir.is_dir():
-        raise NotARun(f"WORK_DIR {work_dir} is a file; pass the --work_dir of a run")
-    if not any((work_dir / m).exists() for m in RUN_MARKERS):
-        raise NotARun(
-            f"WORK_DIR {work_dir} is not a sanakit run (it has no {', '.join(RUN_MARKERS)}); "
-            "pass the --work_dir that `sanakit train` wrote"
-        )
-    return Path(os.path.abspath(work_dir))
 
 
 class RunState(enum.StrEnum):
