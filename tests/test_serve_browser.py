@@ -209,9 +209,12 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(
         page.fill("#num-images input", images)
         page.click("#generate")
         expect(message).to_contain_text(expected, timeout=WAIT_MS)
-    assert site.server.poll() is None
+    corrupt = ["step_00000002", *request_fields()[1:]]  # listed, but it does not verify
+    event, outputs = call_sample(site, *corrupt)
+    assert event == "complete" and "does not verify (ema.safetensors: size" in outputs[0]
     event, outputs = call_sample(site, *request_fields())
     assert event == "complete" and outputs[0].startswith("done in")
+    assert site.server.poll() is None
     page.close()
 
 
