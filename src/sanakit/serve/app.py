@@ -147,14 +147,20 @@ def build_page(view: RunView, service: SampleService) -> gr.Blocks:
             for name in snap.scalars:
                 plots[name] = line_plot(name, name.split()[0] + "-plot", None)
         grids = gr.Gallery(
-            label="validation grids, newest first", elem_id="vis-grids", columns=4, height=260
+            label="validation grids, newest first",
+            elem_id="vis-grids",
+            columns=4,
+            height=260,
+            object_fit="contain",
         )
         table = gr.Dataframe(
             headers=CHECKPOINT_COLUMNS, label="checkpoints", elem_id="checkpoints", wrap=True
         )
         form = sample_form(cfg_scale, steps, sampler)
         message = gr.Markdown(elem_id="sample-message")
-        results = gr.Gallery(label="samples", elem_id="results", columns=4, height=320)
+        results = gr.Gallery(
+            label="samples", elem_id="results", columns=4, height=320, object_fit="contain"
+        )
         download = gr.DownloadButton("Download PNG", elem_id="download", visible=False)
         outputs = [status, *plots.values(), grids, table, form["checkpoint"], seen]
         order = ["status", *plots, "grids", "checkpoints", "picker"]
