@@ -86,16 +86,18 @@ def test_metrics_are_read_incrementally_and_survive_torn_lines_and_rewrites(
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 3, "lo')
     tail = MetricsTail(path)
     assert tail.read() and list(tail.loss.raw.steps) == [1, 2]
-    with path.open("a") as fh:  # the torn line completes; a held-out row of another kind
+    with path.open("a") as fh:  # the torn line completes; held-out losses in two spellings
         fh.write('ss": 4.0}\n{"step": 3, "kind": "heldout", "loss": 0.5, "ema_loss": 0.4}\n')
-    assert tail.read() and list(tail.loss.raw.values) == [2.0, 1.0, 4.0]
+        fh.write('{"step": 4, "loss": 3.0, "val_loss": 0.3, "lr": 0.1}\n')
+    assert tail.read() and list(tail.loss.raw.values) == [2.0, 1.0, 4.0, 3.0]
     assert {k: list(v.values) for k, v in tail.extra.items()} == {
         "heldout loss": [0.5],
         "heldout ema_loss": [0.4],
+        "val_loss": [0.3],
     }
     assert not tail.read()  # nothing new: nothing parsed
     smoothed = list(tail.loss.smoothed.values)
-    assert smoothed[0] == 2.0 and 1.0 < smoothed[2] < 4.0
+    assert smoothed[0] == 2.0 and 1.0 < smoothed[2] < 4.0 and len(smoothed) == 4
     # a resume rewrites the file (a new inode) without the killed run's rows
     tmp = tmp_path / "new"
     tmp.write_text('{"step": 1, "loss": 9.0}\n')
@@ -194,9 +196,10 @@ def test_work_dir_must_be_a_run(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_missing_or_foreign_work_dir_in_one_line(tmp_path: Path) -> None:
-    missing = run_sanakit("serve", str(tmp_path / "nope"))
+    missing = run_sanakit("serve", str(tmp_path / "nope"), "--host=0.0.0.0")
     assert missing.returncode == 2
     assert "does not exist" in the_error_line(missing)
+    assert "serving on 0.0.0.0: anyone who can reach this address" in missing.stderr
     foreign = run_sanakit("serve", str(tmp_path))
     assert foreign.returncode == 2 and "is not a sanakit run" in the_error_line(foreign)
     bad_port = run_sanakit("serve", str(tmp_path), "--port=70000")

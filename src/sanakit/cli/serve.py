@@ -41,17 +41,17 @@ def temp_dir_outside(work_dir: Path) -> Path:
 
 def cmd_serve(args: list[str]) -> int:
     opts = serve_parser().parse_args(args)
-    if not 1 <= opts.port <= 65535:
-        raise SanakitError(f"--port={opts.port} must be from 1 to 65535")
-    from sanakit.serve.work_dir import check_run_dir
-
-    work_dir = check_run_dir(Path(opts.work_dir))
     if opts.host not in LOCAL_HOSTS:
         log.warning(
             "serving on %s: anyone who can reach this address can see the run and use this "
             "machine to sample; bind to 127.0.0.1 unless you mean it",
             opts.host,
         )
+    if not 1 <= opts.port <= 65535:
+        raise SanakitError(f"--port={opts.port} must be from 1 to 65535")
+    from sanakit.serve.work_dir import check_run_dir
+
+    work_dir = check_run_dir(Path(opts.work_dir))
     temp = temp_dir_outside(work_dir)
     # read by Gradio when imported: its cache and examples outside WORK_DIR, no telemetry
     os.environ["GRADIO_TEMP_DIR"] = str(temp)

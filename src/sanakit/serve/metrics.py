@@ -27,6 +27,9 @@ SCALAR_TAGS = {
     "caption-dropout rate": "train/caption_dropout_rate",
 }
 LOSS_TAG = "train/loss"
+# a held-out loss, whatever the trainer calls it: a row of its own kind ({"kind": "heldout", ...})
+# or a field of a training row whose name says so ({"step": 5, "loss": ..., "val_loss": ...})
+HELDOUT_WORDS = ("held", "val")
 # event kinds the page never shows: keep one of each, not the whole history, in memory
 SIZE_GUIDANCE = {
     "scalars": 4000,
@@ -141,7 +144,7 @@ class MetricsTail:
                 continue
             if key == "loss" and not kind:
                 self.loss.add(step, float(value))
-            else:
+            elif kind or any(word in key.lower() for word in HELDOUT_WORDS):
                 name = f"{kind} {key}".strip()
                 self.extra.setdefault(name, Series()).add(step, float(value))
 
@@ -204,5 +207,6 @@ class ScalarLog:
     def heldout_tags(self) -> list[str]:
         """Scalar tags of a held-out / validation loss, whatever the trainer names them."""
         known = {*SCALAR_TAGS.values(), LOSS_TAG}
-        words = ("held", "val")
-        return [t for t in self.tags() if t not in known and any(w in t.lower() for w in words)]
+        return [
+            t for t in self.tags() if t not in known and any(w in t.lower() for w in HELDOUT_WORDS)
+        ]
