@@ -159,7 +159,7 @@ def build_page(view: RunView, service: SampleService) -> gr.Blocks:
         form = sample_form(cfg_scale, steps, sampler)
         message = gr.Markdown(elem_id="sample-message")
         results = gr.Gallery(
-            label="samples", elem_id="results", columns=4, height=320, object_fit="contain"
+            label="samples", elem_id="results", columns=3, height="auto", object_fit="contain"
         )
         download = gr.DownloadButton("Download PNG", elem_id="download", visible=False)
         outputs = [status, *plots.values(), grids, table, form["checkpoint"], seen]
