@@ -110,16 +110,29 @@ def test_checkpoints_show_verification_and_provenance_and_leftovers(
 ) -> None:
     ckpts = run / "checkpoints"
     (ckpts / ".step_00000003.tmp-999999-abcd").mkdir()  # a save in progress / killed
-    rows = {r.name: r for r in CheckpointList(ckpts).read()}
+    listing = CheckpointList(ckpts)
+    first = {r.name: r for r in listing.read()}["step_00000002"]
+    assert first.pending and not first.verified and first.usable  # sizes checked, hashing
+    listing.settle(timeout=60)
+    rows = {r.name: r for r in listing.read()}
     good = rows["step_00000002"]
     assert good.verified and good.problem == "" and good.size > 0
     assert (good.encoder, good.max_length, good.instruction) == ("minilm", "16", "none")
     assert len(good.fingerprint) == 12
     assert "half-written" in rows[".step_00000003.tmp-999999-abcd"].problem
-    (run / CKPT / "ema.safetensors").write_bytes(b"torn")  # half a file
+    ema = run / CKPT / "ema.safetensors"
+    ema.write_bytes(bytes(ema.stat().st_size))  # the right size, the wrong bytes
+    listing = CheckpointList(ckpts)
+    assert {r.name: r for r in listing.read()}["step_00000002"].pending
+    listing.settle(timeout=60)
+    bad = {r.name: r for r in listing.read()}["step_00000002"]
+    assert (
+        not bad.verified and not bad.pending and bad.problem == "ema.safetensors: sha256 mismatch"
+    )
+    assert bad.encoder == "minilm"  # its provenance is still shown
+    ema.write_bytes(b"torn")  # half a file: refused at once, without hashing
     torn = {r.name: r for r in CheckpointList(ckpts).read()}["step_00000002"]
-    assert not torn.verified and "ema.safetensors: size" in torn.problem
-    assert torn.encoder == "minilm"  # its provenance is still shown
+    assert not torn.verified and not torn.pending and "ema.safetensors: size" in torn.problem
     assert checkpoint_path(ckpts, "step_00000002") == ckpts / "step_00000002"
     os.symlink(ckpts / "step_00000002", ckpts / "step_00000007")
     for name in ["../checkpoints/step_00000002", "/etc", "step_00000007", "step_2", "", None, 3]:

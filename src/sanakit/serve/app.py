@@ -76,7 +76,7 @@ def checkpoint_rows(snap: Snapshot) -> list[list[Any]]:
             c.step,
             c.name,
             human_bytes(c.size),
-            "yes" if c.verified else f"NO: {c.problem}",
+            "yes" if c.verified else (c.problem if c.pending else f"NO: {c.problem}"),
             c.encoder,
             c.max_length,
             c.fingerprint,
@@ -90,7 +90,8 @@ def picker_update(snap: Snapshot, chosen: str | None) -> Any:
     """Every step directory (unverified ones marked); the choice kept, else newest verified."""
     names = [c.name for c in snap.checkpoints if c.name.startswith("step_") and "." not in c.name]
     labels = {
-        c.name: f"step {c.step}" + ("" if c.verified else " (NOT verified)")
+        c.name: f"step {c.step}"
+        + ("" if c.verified else " (checking)" if c.pending else " (NOT verified)")
         for c in snap.checkpoints
     }
     if chosen not in names:

@@ -12,7 +12,8 @@ import os
 import re
 import stat
 import threading
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sanakit.errors import SanakitError
@@ -38,6 +39,12 @@ class CheckpointInfo:
     fingerprint: str = ""
     instruction: str = ""
     epoch: int | None = None
+    pending: bool = False  # sizes match; the sha256 check is still running
+
+    @property
+    def usable(self) -> bool:
+        """Verified, or complete as far as checked yet (for the run's state, not for loading)."""
+        return self.verified or self.pending
 
 
 def directory_size(path: Path) -> int:
@@ -79,36 +86,66 @@ def provenance_fields(path: Path) -> dict:
 
 
 class CheckpointList:
-    """``WORK_DIR/checkpoints`` listed newest first; verification cached per directory."""
+    """``WORK_DIR/checkpoints`` listed newest first.
+
+    Sizes are checked at once; the sha256 of every file (gigabytes for a real model) is checked
+    by one background thread, so the page shows a large run at once and each checkpoint turns
+    verified when its hash is done. Answers are cached per directory identity.
+    """
 
     def __init__(self, checkpoints_dir: Path) -> None:
         self.directory = checkpoints_dir
         self._known: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
-        self._lock = threading.Lock()  # two page refreshes at once verify a checkpoint once
+        self._lock = threading.Lock()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sanakit-verify")
+        self._jobs: dict[str, Future] = {}
 
     def read(self) -> list[CheckpointInfo]:
         with self._lock:
             rows = [self._info(step, path) for step, path in candidates(self.directory)]
-            self._known = {k: v for k, v in self._known.items() if k in {r.name for r in rows}}
+            names = {r.name for r in rows}
+            self._known = {k: v for k, v in self._known.items() if k in names}
             rows += self._leftovers()
         rows.sort(key=lambda r: (r.step, r.verified), reverse=True)
         return rows[:MAX_LISTED]
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait for the hashing in progress (tests, the first page of a small run)."""
+        for job in list(self._jobs.values()):
+            job.result(timeout=timeout)
 
     def _info(self, step: int, path: Path) -> CheckpointInfo:
         key = identity(path)
         known = self._known.get(path.name)
         if key is not None and known is not None and known[0] == key:
             return known[1]
-        reason = verify_checkpoint(path, deep=True)
+        reason = verify_checkpoint(path, deep=False)
         fields = provenance_fields(path)
         problem = reason or fields.pop("problem", "")
         fields.pop("problem", None)
+        pending = not problem and key is not None
         info = CheckpointInfo(
-            path.name, step, directory_size(path), problem == "", problem, **fields
+            path.name,
+            step,
+            directory_size(path),
+            False,
+            "checking sha256 of every file..." if pending else problem,
+            pending=pending,
+            **fields,
         )
         if key is not None:
             self._known[path.name] = (key, info)
+        if pending and path.name not in self._jobs:
+            self._jobs[path.name] = self._hasher.submit(self._hash, path, key, info)
         return info
+
+    def _hash(self, path: Path, key: tuple[int, ...], shallow: CheckpointInfo) -> None:
+        reason = verify_checkpoint(path, deep=True)
+        done = replace(shallow, verified=reason is None, problem=reason or "", pending=False)
+        with self._lock:
+            if self._known.get(path.name, (None,))[0] == key:
+                self._known[path.name] = (key, done)
+            self._jobs.pop(path.name, None)
 
     def _leftovers(self) -> list[CheckpointInfo]:
         """Half-written saves and directories moved aside: shown as such, never loaded."""

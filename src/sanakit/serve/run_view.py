@@ -147,7 +147,7 @@ class RunView:
                     f"{idle / 60:.0f} min: is it hung?"
                 )
             return RunState.RUNNING, f"{owner.describe()}"
-        newest = next((c for c in ckpts if c.verified), None)
+        newest = next((c for c in ckpts if c.usable), None)
         bad = self.metrics.first_non_finite()
         if bad is not None:
             return RunState.DIVERGED, (
@@ -156,7 +156,7 @@ class RunView:
             )
         saved = newest.step if newest else None
         if saved is not None and saved >= step and self._done(cfg, newest):
-            return RunState.FINISHED, f"all steps done; newest checkpoint {newest.name} verifies"
+            return RunState.FINISHED, f"all steps done; newest checkpoint {newest.name}"
         dead = abandoned_owner(self.work_dir)
         resume = f"newest checkpoint {newest.name}" if newest else "no checkpoint yet"
         if dead is not None:
