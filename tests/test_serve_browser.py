@@ -163,6 +163,7 @@ def test_the_page_shows_a_finished_run(site: Site, browser: Browser) -> None:
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     grids = page.locator("#vis-grids img")
     expect(grids).to_have_count(3)  # steps 4, 2, 1; never the symlink planted as step 9
+    expect(page.locator("#vis-grids")).to_contain_text("step 4")
     assert "step_00000009" not in page.content()
     table = page.locator("#checkpoints")
     state = json.loads((site.work / "checkpoints/step_00000004/trainer_state.json").read_text())
@@ -183,6 +184,7 @@ def test_generate_gives_the_bytes_of_sanakit_sample(site: Site, browser: Browser
     page.click("#generate")
     expect(page.locator("#sample-message")).to_contain_text("done in", timeout=WAIT_MS)
     expect(page.locator("#results img").first).to_be_visible()
+    expect(page.locator("#results")).to_contain_text(f"seed {SEED}")  # the settings it shows
     with page.expect_download() as download:
         page.click("#download")
     web_png = Path(download.value.path()).read_bytes()

@@ -33,6 +33,7 @@ log = logging.getLogger("sanakit")
 REFRESH_SECONDS = 2.0
 MAX_HISTORY = 12  # sampled grids kept in a page's gallery
 QUEUE_MAX = 64  # events Gradio itself queues (refreshes and samples together)
+SESSIONS_KEPT = 100  # open pages (and API callers) whose state is kept, the oldest dropped
 CHECKPOINT_COLUMNS = [
     "step",
     "checkpoint",
@@ -160,7 +161,12 @@ def build_page(view: RunView, service: SampleService) -> gr.Blocks:
         form = sample_form(cfg_scale, steps, sampler)
         message = gr.Markdown(elem_id="sample-message")
         results = gr.Gallery(
-            label="samples", elem_id="results", columns=3, height="auto", object_fit="contain"
+            label="samples",
+            elem_id="results",
+            columns=4,
+            height=360,
+            object_fit="contain",
+            preview=False,
         )
         download = gr.DownloadButton("Download PNG", elem_id="download", visible=False)
         outputs = [status, *plots.values(), grids, table, form["checkpoint"], seen]
@@ -278,6 +284,8 @@ def serve(work_dir: Path, host: str, port: int, temp_dir: Path) -> None:
             allowed_paths=[],
             blocked_paths=[str(work_dir)],
             max_file_size="1mb",  # the page has no upload; Gradio's upload route stays small
+            # each page or API call is a session whose state Gradio keeps (default 10,000)
+            state_session_capacity=SESSIONS_KEPT,
             ssr_mode=False,
             pwa=False,
             mcp_server=False,
