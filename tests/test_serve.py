@@ -4,6 +4,7 @@ in Chromium, is tested in test_serve_browser.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CKPT, run_sanakit, the_error_line
+from PIL import Image
 
 from sanakit.io.ownership import LOCK_NAME, abandoned_owner, own
 from sanakit.serve.checkpoints import CheckpointList, checkpoint_path
@@ -195,6 +197,24 @@ def test_a_full_queue_is_refused_as_busy(tmp_path: Path) -> None:
     service.waiting = 4
     with pytest.raises(Busy, match="busy: 4 requests are already waiting"):
         service.run(None, lambda *_: None)  # type: ignore[arg-type]  # refused before use
+
+
+def test_only_complete_png_grids_that_are_regular_files_are_copied(tmp_path: Path) -> None:
+    work, vis = tmp_path / "work", tmp_path / "work" / "vis"
+    vis.mkdir(parents=True)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    (vis / "step_00000003.png").write_bytes(png.getvalue())
+    (vis / "step_00000004.png").write_bytes(png.getvalue()[:-20])  # still being written
+    (vis / "step_00000005.png").symlink_to(vis / "step_00000003.png")
+    (vis / "notes.png").write_bytes(png.getvalue())  # not a grid's name
+    files = PublicFiles(tmp_path / "served", work)
+    grids = files.grids(limit=8)
+    assert [step for step, _ in grids] == [3]
+    copy = grids[0][1]
+    assert copy.read_bytes() == png.getvalue() and copy.is_relative_to(tmp_path / "served")
+    (vis / "step_00000004.png").write_bytes(png.getvalue())  # finished meanwhile
+    assert [step for step, _ in files.grids(limit=1)] == [4]
 
 
 def test_work_dir_must_be_a_run(tmp_path: Path) -> None:

@@ -229,7 +229,12 @@ def refresher(view: RunView, order: list[str]):
     """The refresh of one page: only the outputs whose signature changed are sent."""
 
     def refresh(seen: dict, chosen: str | None) -> list[Any]:
-        parts = view_parts(view.snapshot(), chosen)
+        try:
+            parts = view_parts(view.snapshot(), chosen)
+        except Exception as err:  # noqa: BLE001 - a refresh that fails must not stop the page
+            log.exception("cannot read %s", view.work_dir)
+            note = f"**cannot read the run right now** ({type(err).__name__}: {err})"
+            return [note, *[gr.skip()] * (len(order) - 1), {}]
         seen = dict(seen or {})
         values = []
         for key in order:

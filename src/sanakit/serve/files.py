@@ -44,8 +44,13 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
         os.close(fd)
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
 def is_png(data: bytes) -> bool:
     """A complete PNG (a grid still being written by the trainer is not, yet)."""
+    if not data.endswith(PNG_END):
+        return False
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "PNG":
