@@ -14,6 +14,7 @@ import pytest
 from conftest import CKPT, run_sanakit, the_error_line
 from PIL import Image
 
+from sanakit.inference import load_for_inference, sample_grid
 from sanakit.io.ownership import LOCK_NAME, abandoned_owner, own
 from sanakit.serve.checkpoints import CheckpointList, checkpoint_path
 from sanakit.serve.files import PublicFiles
@@ -190,6 +191,21 @@ def test_defaults_are_the_checkpoint_s_own(run: Path) -> None:
         7,
         2,
     )
+
+
+def test_the_progress_bar_follows_the_denoising_steps_without_changing_the_image(
+    run: Path,
+) -> None:
+    req = request(run, prompts="a red circle\na blue square", steps=3, num_images=2)
+    inference = load_for_inference(req.checkpoint)
+    seen: list[tuple[float, str]] = []
+    grid = SampleService.sample(inference, req, lambda f, what: seen.append((f, what)))
+    assert [what for _, what in seen] == [f"denoising step {i} of 3" for i in (1, 2, 3)]
+    assert seen[-1][0] == pytest.approx(0.95)
+    plain = sample_grid(inference, ["a red circle", "a blue square"], 2, cfg_scale=4.5,
+                        steps=3, sampler="flow_euler", seed=0)  # fmt: skip
+    assert (grid == plain).all()
+    assert not inference.models.transformer._forward_hooks  # the hook is gone again
 
 
 def test_a_full_queue_is_refused_as_busy(tmp_path: Path) -> None:

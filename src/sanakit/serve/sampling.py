@@ -9,6 +9,7 @@ refused at once as busy. Every bound has its own one-line message for the page.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import threading
 import time
@@ -22,7 +23,7 @@ from PIL import Image
 
 from sanakit.config import SEED_MAX, Config, Sampler
 from sanakit.errors import SanakitError
-from sanakit.inference import Inference, load_for_inference, sample_grid
+from sanakit.inference import MAX_BATCH, Inference, load_for_inference, sample_grid
 from sanakit.serve.checkpoints import checkpoint_path, identity
 from sanakit.serve.files import PublicFiles
 from sanakit.train.checkpoint_files import read_config
@@ -224,7 +225,7 @@ class SampleService:
             progress(0.1, f"loading {request.checkpoint.name}")
             inference = self.models.get(request.checkpoint, request.ema)
             progress(0.3, f"sampling {len(request.prompts) * request.num_images} image(s)")
-            png = encode_png(self.sample(inference, request))
+            png = encode_png(self.sample(inference, request, progress))
             seconds = time.monotonic() - start
         finally:
             self._gate.release()
@@ -232,16 +233,31 @@ class SampleService:
         return SampleResult(request, self.files.add_sample(png, label), seconds)
 
     @staticmethod
-    def sample(inference: Inference, request: SampleRequest) -> Any:
-        return sample_grid(
-            inference,
-            list(request.prompts),
-            request.num_images,
-            cfg_scale=request.cfg_scale,
-            steps=request.steps,
-            sampler=request.sampler,
-            seed=request.seed,
-        )
+    def sample(inference: Inference, request: SampleRequest, progress: Progress) -> Any:
+        """``sample_grid`` as ``sanakit sample`` calls it; a forward hook on the transformer
+        (one call per denoising step and batch) moves the progress bar without touching the
+        computation."""
+        images = len(request.prompts) * request.num_images
+        total = request.steps * math.ceil(images / MAX_BATCH)
+        calls = itertools.count(1)
+
+        def step_done(*_: Any) -> None:
+            done = next(calls)
+            progress(0.3 + 0.65 * done / total, f"denoising step {done} of {total}")
+
+        hook = inference.models.transformer.register_forward_hook(step_done)
+        try:
+            return sample_grid(
+                inference,
+                list(request.prompts),
+                request.num_images,
+                cfg_scale=request.cfg_scale,
+                steps=request.steps,
+                sampler=request.sampler,
+                seed=request.seed,
+            )
+        finally:
+            hook.remove()
 
 
 def page_defaults(cfg: Config | None) -> tuple[float, int, str]:
