@@ -21,7 +21,8 @@ LAYERS = [
     {"sanakit.embeddings"},
     {"sanakit.flow", "sanakit.sampling"},
     {"sanakit.train"},
-    {"sanakit.inference", "sanakit.evaluate", "sanakit.export", "sanakit.export_guard"},
+    {"sanakit.inference", "sanakit.evaluate", "sanakit.export", "sanakit.export_guard"}
+    | {"sanakit.serve"},  # the web page samples through inference
     {"sanakit.doctor"},
     {"sanakit.cli", "sanakit.__main__"},
 ]

@@ -299,3 +299,24 @@ def lock_owner(path: Path) -> Owner | None:
 def current_owner(directory: Path) -> Owner | None:
     """The job that owns ``directory`` (a work dir, a cache dir) right now, or None."""
     return lock_owner(lock_file(directory))
+
+
+def abandoned_owner(directory: Path) -> Owner | None:
+    """The record a job left in ``directory``'s lock file when it died holding it (``kill -9``,
+    a crash, power loss), or None: no lock file, an empty record (a job that ended normally
+    empties it), or the lock is held right now (the job is alive). Read-only."""
+    try:
+        fd = _open(lock_file(directory), create=False)
+    except OSError:
+        return None
+    try:
+        if not _try_lock(fd, fcntl.LOCK_SH):
+            return None  # held: the owner is alive
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if os.fstat(fd).st_size == 0:
+            return None
+        return _read_record(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
