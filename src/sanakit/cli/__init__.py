@@ -1,4 +1,4 @@
-"""`sanakit train|sample|eval|doctor|cache|export`: parse, call, map errors to exit codes.
+"""`sanakit train|sample|eval|doctor|cache|export|checkpoint`: parse, call, map errors to exit codes.
 
 A user error (``SanakitError``) prints one line ``error: ...`` and exits with its code (2 by
 default), never a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from sanakit.cli.checkpoint import cmd_checkpoint
 from sanakit.cli.common import USAGE, setup_console_logging
 from sanakit.cli.images import cmd_eval, cmd_export, cmd_sample
 from sanakit.cli.run import cmd_cache, cmd_doctor, cmd_train
@@ -22,6 +23,7 @@ COMMANDS = {
     "export": cmd_export,
     "doctor": cmd_doctor,
     "cache": cmd_cache,
+    "checkpoint": cmd_checkpoint,
 }
 
 

@@ -22,6 +22,7 @@ commands:
   export CHECKPOINT OUT_DIR [--ema] [--overwrite]          write a diffusers SanaPipeline folder
   doctor [CONFIG.yaml] [--group.key=value ...]             preflight checks
   cache  build|verify [CONFIG.yaml] [--group.key=value ...] precompute / check the caches
+  checkpoint consolidate CHECKPOINT [OUT]                  sharded checkpoint -> full layout
 
 With no CONFIG the packaged default is used (built-in shapes, MiniLM, pixel space, tiny model).
 Overrides follow Sana: --train.train_batch_size=8 --data.data_dir="[a,b]".

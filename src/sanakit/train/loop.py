@@ -27,6 +27,7 @@ from sanakit.train.batches import EpochBatches
 from sanakit.train.components import accelerate_precision, build_models, build_parts
 from sanakit.train.hooks import Checkpointer, Metrics, StopPolicy, Validation
 from sanakit.train.resume import resolve_resume
+from sanakit.train.sharded import check_checkpoint_format
 from sanakit.train.state import TrainState, read_trainer_state
 from sanakit.train.step import Stepper
 
@@ -54,6 +55,7 @@ def train(cfg: Config) -> RunResult:
         if owner is not None and is_fresh_start(cfg.resume_from):
             prepare_fresh_start(Path(cfg.work_dir), cfg.train.overwrite_run)
         accelerator = setup_accelerator(cfg)
+        check_checkpoint_format(cfg, accelerator.num_processes)
         log_file = open_log(cfg, accelerator)
         resume_dir = resolve_resume(cfg)
         models = build_models(cfg, accelerator.device)
