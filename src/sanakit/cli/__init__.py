@@ -1,4 +1,4 @@
-"""`sanakit train|sample|eval|doctor|cache|export|checkpoint`: parse, call, map errors to exit codes.
+"""`sanakit train|sample|eval|doctor|cache|export`: parse, call, map errors to exit codes.
 
 A user error (``SanakitError``) prints one line ``error: ...`` and exits with its code (2 by
 default), never a traceback.

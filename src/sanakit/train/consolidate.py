@@ -74,7 +74,9 @@ def full_optimizer_state(files: ListedFiles) -> dict:
             )
         state.setdefault(index[name], {})[moment] = value
     full_groups = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
-    return {"state": dict(sorted(state.items())), "param_groups": full_groups}
+    # AdamW creates "step" first: the same key order as an optimizer.pt the full format writes
+    ordered = {i: dict(sorted(m.items(), key=lambda kv: kv[0] != "step")) for i, m in state.items()}
+    return {"state": dict(sorted(ordered.items())), "param_groups": full_groups}
 
 
 def consolidate(checkpoint: str | Path, out: str | Path | None = None) -> Path:
