@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
+from sanakit.io.shards import SHARD_METADATA
 
 
 def transformer_kwargs(cfg: Config, in_channels: int, caption_channels: int, factor: int) -> dict:
@@ -56,6 +57,11 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
     if path.is_file() and path.suffix == ".safetensors":
         candidates.insert(0, path)
     found = next((c for c in candidates if c.is_file()), None)
+    if found is None and (path / SHARD_METADATA).is_file():
+        raise CheckpointError(
+            f"load_from={path} is a sharded checkpoint; run `sanakit checkpoint consolidate "
+            f"{path}` and point load_from at the checkpoint it writes"
+        )
     if found is None:
         raise CheckpointError(
             f"load_from={path} holds no model.safetensors or diffusers transformer weights; "
