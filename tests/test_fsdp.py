@@ -244,13 +244,22 @@ def test_sharded_resume_is_exact_and_consolidates_to_the_full_format(
     assert f"resumed from {checkpoint_dir(work, 3)} at step 3" in out.stderr
     assert losses(work) == losses(reference)
     sharded8 = checkpoint_dir(work, STEPS)
-    refused = run_sanakit(
-        "sample", f"--checkpoint={sharded8}", "--prompt=a", f"--out={tmp_path}/x.png"
+    from sanakit.errors import CheckpointError
+    from sanakit.export import export_checkpoint
+    from sanakit.inference import load_for_inference, sample_grid
+    from sanakit.io.checkpoint import read_manifest, verify_checkpoint
+    from sanakit.train.consolidate import consolidate
+
+    for refused in (
+        lambda: load_for_inference(sharded8),
+        lambda: export_checkpoint(sharded8, tmp_path / "e"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(f"checkpoint consolidate {sharded8}`")):
+            refused()  # before any model is built
+    full = consolidate(sharded8, tmp_path / "full")  # in process: `sanakit checkpoint` calls it
+    assert (
+        verify_checkpoint(full) is None and "shards/.metadata" not in read_manifest(full)["files"]
     )
-    assert "sanakit checkpoint consolidate" in the_error_line(refused)
-    done = run_sanakit("checkpoint", "consolidate", str(sharded8), str(tmp_path / "full"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    full = tmp_path / "full"
     for name in WEIGHT_FILES:
         assert (full / name).read_bytes() == (checkpoint_dir(reference, STEPS) / name).read_bytes()
     a = torch.load(full / "optimizer.pt", weights_only=True)
@@ -259,8 +268,6 @@ def test_sharded_resume_is_exact_and_consolidates_to_the_full_format(
     for index, moments in b["state"].items():
         assert list(a["state"][index]) == list(moments)
         assert all(torch.equal(a["state"][index][k], v) for k, v in moments.items())
-    from sanakit.inference import load_for_inference, sample_grid
-
     grids = [
         sample_grid(
             load_for_inference(path, ema=True, device="cpu"),
@@ -270,13 +277,10 @@ def test_sharded_resume_is_exact_and_consolidates_to_the_full_format(
             steps=2,
             sampler="flow_euler",
             seed=0,
-        )  # fmt: skip
+        )
         for path in (full, checkpoint_dir(reference, STEPS))
     ]
     assert (grids[0] == grids[1]).all()
-    from sanakit.errors import CheckpointError
-    from sanakit.train.consolidate import consolidate
-
     with pytest.raises(CheckpointError, match="already exists"):
         consolidate(sharded8, full)
 
@@ -289,6 +293,12 @@ def test_sharded_checkpoint_resumes_in_one_process(fsdp_run, sharded_stopped_at_
     out = single(work, f"--train.max_steps={STEPS}")
     assert "resuming with 1 processes from a checkpoint written by 2" in out.stderr
     assert_close_run(work, reference)
+
+
+def test_checkpoint_command_is_registered():
+    result = run_sanakit("checkpoint", "consolidate")  # no CHECKPOINT: refused before any import
+    assert "the following arguments are required: checkpoint" in the_error_line(result)
+    assert "consolidate CHECKPOINT [OUT]" in run_sanakit("checkpoint", "--help").stdout
 
 
 def test_sharded_format_needs_fsdp_over_several_processes():

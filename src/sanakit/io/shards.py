@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -146,3 +148,12 @@ def require_full_layout(files: ListedFiles) -> None:
             f"checkpoint {files.directory} is sharded (train.checkpoint_format=sharded); run "
             f"`sanakit checkpoint consolidate {files.directory}` and use the checkpoint it writes"
         )
+
+
+def load_into(tensors: dict[str, Any], files: ListedFiles) -> None:
+    """DCP's load of ``tensors`` in place from the checkpoint's shards (a collective when a
+    process group is up; otherwise this one process reads every slice it needs)."""
+    with warnings.catch_warnings():
+        # one process (consolidate, a 1-process resume) is what we mean, not a forgotten init
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=ShardReader(files))

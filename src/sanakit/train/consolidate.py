@@ -15,14 +15,13 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from sanakit.errors import CheckpointError
 from sanakit.io.atomic import Displace, atomic_directory
 from sanakit.io.checkpoint import listed_files, resolve_checkpoint, seal
 from sanakit.io.manifest import ListedFiles
-from sanakit.io.shards import SHARD_DIR, ShardReader, is_sharded_checkpoint, read_shard_metadata
+from sanakit.io.shards import SHARD_DIR, is_sharded_checkpoint, load_into, read_shard_metadata
 from sanakit.train.checkpoint_files import (
     EMA_FILE,
     MODEL_FILE,
@@ -55,7 +54,7 @@ def read_section(files: ListedFiles, section: str) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"checkpoint {files.directory} has no {section} tensors in shards/")
     with reading(files.directory / SHARD_DIR):
-        dcp.load(tensors, storage_reader=ShardReader(files), no_dist=True)
+        load_into(tensors, files)  # no process group: this process reads every slice
     return {key[len(prefix) :]: value for key, value in tensors.items()}
 
 

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from sanakit.config import Config
 from sanakit.errors import CheckpointError, ConfigError
 from sanakit.io.manifest import ListedFiles
-from sanakit.io.shards import SHARD_DIR, SHARD_METADATA, ShardReader, read_shard_metadata
+from sanakit.io.shards import SHARD_DIR, SHARD_METADATA, load_into, read_shard_metadata
 from sanakit.train.checkpoint_files import bad, read_json, reading
 from sanakit.train.parallel import fsdp_requested
 
@@ -142,7 +142,7 @@ def load_shards(
     groups = read_groups(files, [g["params"] for g in current])
     with reading(files.path(SHARD_METADATA)):
         # in place: into the live parameter shards, EMA shadows and AdamW moments
-        dcp.load(tensors, storage_reader=ShardReader(files))
+        load_into(tensors, files)
         set_state_dict(
             model,
             optimizer,
