@@ -273,7 +273,7 @@ class Checkpointer:
         last, every rank's files included) and renames it into place."""
         parts = (state.model, state.ema, state.optimizer)
         if not self.accelerator.is_main_process:
-            tmp = sharded.share_temp_dir(None)  # None: rank 0 skipped this save (disk space)
+            tmp = sharded.share_temp_dir(self.directory, None)  # None: rank 0 skipped the save
             if tmp is not None:
                 sharded.save_shards(*parts, tmp)
             return tmp is not None
@@ -283,7 +283,7 @@ class Checkpointer:
             nonlocal shared
             state.write_side_files(tmp, ranks, "sharded")
             (tmp / SHARD_DIR).mkdir()
-            sharded.share_temp_dir(tmp)
+            sharded.share_temp_dir(self.directory, tmp)
             shared = True
             sharded.write_groups(tmp, sharded.save_shards(*parts, tmp))
             sharded.refuse_invisible_shards(tmp, missing_shard_files(tmp / SHARD_DIR))
@@ -292,7 +292,7 @@ class Checkpointer:
             return self._write(state, fill)
         finally:
             if not shared:  # the other ranks wait for a temp dir: tell them there is none
-                sharded.share_temp_dir(None)
+                sharded.share_temp_dir(self.directory, None)
 
     def _write(self, state: TrainState, write_files: Callable[[Path], None]) -> bool:
         needed = estimate_checkpoint_bytes(state.model)

@@ -156,11 +156,15 @@ def load_shards(
                 raise bad(files.path(SHARD_METADATA), f"holds a non-finite optimizer {key}")
 
 
-def share_temp_dir(path: Path | None) -> Path | None:
-    """Rank 0's checkpoint temp dir (None: no save this time), as every rank receives it."""
-    box = [str(path) if path is not None else None]
+def share_temp_dir(checkpoints_dir: Path, tmp: Path | None) -> Path | None:
+    """Rank 0's checkpoint temp dir (None: no save this time), as every rank receives it.
+
+    Only its name travels: each rank joins it to its own ``checkpoints_dir``, so nodes that
+    mount the shared storage at another path (or resolve a relative work_dir elsewhere) agree.
+    """
+    box = [tmp.name if tmp is not None else None]
     dist.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] is not None else None
+    return checkpoints_dir / box[0] if box[0] is not None else None
 
 
 def refuse_invisible_shards(shard_dir: Path, missing: list[str]) -> None:
