@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +50,7 @@ def train(cfg: Config) -> RunResult:
 
     The CLI runs ``doctor.preflight`` first, before any model is loaded.
     """
-    # before the work dir is touched; torchrun and accelerate launch both export WORLD_SIZE
-    check_checkpoint_format(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_checkpoint_format(cfg)  # before the work dir is touched
     # the job owns its work dir (rank 0 for every rank) before it writes anything into it
     with own(Path(cfg.work_dir), "sanakit train", hint=BUSY_HINT) as owner:
         if owner is not None and is_fresh_start(cfg.resume_from):

@@ -15,6 +15,7 @@ Only tensors go through DCP (its non-tensor items are pickles); the optimizer's 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,16 @@ GROUPS_FILE = "optimizer_groups.json"
 SECTIONS = ("model", "ema", "optimizer")  # the DCP key prefixes
 
 
-def check_checkpoint_format(cfg: Config, world_size: int) -> None:
-    """``sharded`` needs FSDP over more than one process (there is nothing to shard otherwise)."""
+def check_checkpoint_format(cfg: Config, world_size: int | None = None) -> None:
+    """``sharded`` needs FSDP over more than one process (there is nothing to shard otherwise).
+
+    ``world_size`` None: the launch's, which torchrun and accelerate launch export as WORLD_SIZE
+    (read before any process group exists, so the check runs before anything is written).
+    """
     if cfg.train.checkpoint_format != "sharded":
         return
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if not fsdp_requested(cfg) or world_size < 2:
         raise ConfigError(
             "train.checkpoint_format=sharded needs FSDP over more than one process (here "
