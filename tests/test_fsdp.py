@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TORCHRUN, checkpoint_dir, losses, run_launched, run_sanakit
+from conftest import (
+    FAST,
+    TORCHRUN,
+    checkpoint_dir,
+    losses,
+    run_launched,
+    run_sanakit,
+    the_error_line,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -191,3 +199,143 @@ def test_fsdp_checkpoint_samples_in_one_process(fsdp_run, tmp_path):
         assert f"loaded {'EMA' if extra else 'model'} weights" in result.stderr
         with Image.open(out) as image:
             assert min(image.size) >= 16
+
+
+# --------------------------------------------------------------------------------------------
+# train.checkpoint_format=sharded: every rank writes its own shards (torch.distributed.checkpoint)
+# --------------------------------------------------------------------------------------------
+SHARDED = ["--train.checkpoint_format=sharded"]
+
+
+@pytest.fixture(scope="module")
+def sharded_stopped_at_3(tmp_path_factory) -> Path:
+    """2 FSDP ranks, sharded checkpoints, stopped at step 3. Tests copy this dir."""
+    work = tmp_path_factory.mktemp("sharded3")
+    fsdp(work, "--train.max_steps=3", *SHARDED)
+    return work
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_is_sealed_by_its_manifest(sharded_stopped_at_3, tmp_path):
+    from sanakit.io.checkpoint import read_manifest, verify_checkpoint
+    from sanakit.io.shards import missing_shard_files
+
+    step3 = checkpoint_dir(sharded_stopped_at_3, 3)
+    listed = read_manifest(step3)["files"]
+    # each rank wrote its own file; DCP's metadata and every shard are hashed like the rest
+    assert {"shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp"} <= listed.keys()
+    assert not {"model.safetensors", "ema.safetensors", "optimizer.pt"} & listed.keys()
+    assert verify_checkpoint(step3) is None
+    copy = shutil.copytree(step3, tmp_path / "step_00000003")
+    (copy / "shards" / "__1_0.distcp").unlink()  # what rank 0 sees when shards are node-local
+    assert missing_shard_files(copy / "shards") == ["__1_0.distcp"]
+    assert "missing file shards/__1_0.distcp" in verify_checkpoint(copy)
+
+
+@pytest.mark.slow
+def test_sharded_resume_is_exact_and_consolidates_to_the_full_format(
+    fsdp_run, sharded_stopped_at_3, tmp_path
+):
+    """Resumed from step 3's shards, the run equals the uninterrupted full-format FSDP run bit
+    for bit; `checkpoint consolidate` gives the full format's files, and the same images."""
+    reference, _ = fsdp_run
+    work = copy_work(sharded_stopped_at_3, tmp_path / "w", keep_step=3)
+    out = fsdp(work, f"--train.max_steps={STEPS}", *SHARDED)
+    assert f"resumed from {checkpoint_dir(work, 3)} at step 3" in out.stderr
+    assert losses(work) == losses(reference)
+    sharded8 = checkpoint_dir(work, STEPS)
+    from sanakit.errors import CheckpointError
+    from sanakit.export import export_checkpoint
+    from sanakit.inference import load_for_inference, sample_grid
+    from sanakit.io.checkpoint import read_manifest, verify_checkpoint
+    from sanakit.train.consolidate import consolidate
+
+    for refused in (
+        lambda: load_for_inference(sharded8),
+        lambda: export_checkpoint(sharded8, tmp_path / "e"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(f"checkpoint consolidate {sharded8}`")):
+            refused()  # before any model is built
+    full = consolidate(sharded8, tmp_path / "full")  # in process: `sanakit checkpoint` calls it
+    assert (
+        verify_checkpoint(full) is None and "shards/.metadata" not in read_manifest(full)["files"]
+    )
+    for name in WEIGHT_FILES:
+        assert (full / name).read_bytes() == (checkpoint_dir(reference, STEPS) / name).read_bytes()
+    a = torch.load(full / "optimizer.pt", weights_only=True)
+    b = torch.load(checkpoint_dir(reference, STEPS) / "optimizer.pt", weights_only=True)
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for index, moments in b["state"].items():
+        assert list(a["state"][index]) == list(moments)
+        assert all(torch.equal(a["state"][index][k], v) for k, v in moments.items())
+    grids = [
+        sample_grid(
+            load_for_inference(path, ema=True, device="cpu"),
+            ["a red circle"],
+            2,
+            cfg_scale=4.5,
+            steps=2,
+            sampler="flow_euler",
+            seed=0,
+        )
+        for path in (full, checkpoint_dir(reference, STEPS))
+    ]
+    assert (grids[0] == grids[1]).all()
+    with pytest.raises(CheckpointError, match="already exists"):
+        consolidate(sharded8, full)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_in_one_process(fsdp_run, sharded_stopped_at_3, tmp_path):
+    """DCP re-cuts the shards: two ranks' files load into one unsharded process."""
+    reference, _ = fsdp_run
+    work = copy_work(sharded_stopped_at_3, tmp_path / "w", keep_step=3)
+    out = single(work, f"--train.max_steps={STEPS}")
+    assert "resuming with 1 processes from a checkpoint written by 2" in out.stderr
+    assert_close_run(work, reference)
+
+
+def test_checkpoint_command_is_registered():
+    result = run_sanakit("checkpoint", "consolidate")  # no CHECKPOINT: refused before any import
+    assert "the following arguments are required: checkpoint" in the_error_line(result)
+    assert "consolidate CHECKPOINT [OUT]" in run_sanakit("checkpoint", "--help").stdout
+
+
+def test_sharded_format_needs_fsdp_over_several_processes():
+    from sanakit.config import load_config
+    from sanakit.errors import ConfigError
+    from sanakit.train.sharded import check_checkpoint_format
+
+    cfg = load_config(None, ["--train.checkpoint_format=sharded", "--train.fsdp=true"])
+    check_checkpoint_format(cfg, 2)
+    for world, fsdp_flag in ((1, "true"), (2, "false")):
+        cfg = load_config(None, SHARDED + [f"--train.fsdp={fsdp_flag}"])
+        with pytest.raises(ConfigError, match="checkpoint_format=full"):
+            check_checkpoint_format(cfg, world)
+
+
+@pytest.mark.slow
+def test_hostile_shard_metadata_is_refused_without_running_it(sharded_stopped_at_3, tmp_path):
+    """DCP unpickles .metadata; ours allows only DCP's record types, and slices in listed files."""
+    import pickle
+
+    from sanakit.errors import CheckpointError
+    from sanakit.io.checkpoint import seal
+    from sanakit.train.consolidate import consolidate
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for name, data in (("pickle", pickle.dumps(Payload())), ("garbage", b"\x80\x04junk")):
+        copy = shutil.copytree(
+            checkpoint_dir(sharded_stopped_at_3, 3), tmp_path / name / "step_00000003"
+        )
+        (copy / "shards" / ".metadata").write_bytes(data)
+        (copy / "manifest.json").unlink()
+        seal(copy, 3)  # re-sealed: it verifies, so only the reader stands in the way
+        with pytest.raises(CheckpointError, match="unusable shards"):
+            consolidate(copy, tmp_path / name / "out")
+        assert not marker.exists() and not (tmp_path / name / "out").exists()

@@ -13,7 +13,8 @@ import torch
 from sanakit.config import Config
 from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.errors import SanakitError
-from sanakit.io.checkpoint import resolve_checkpoint
+from sanakit.io.checkpoint import listed_files, resolve_checkpoint
+from sanakit.io.shards import require_full_layout
 from sanakit.models.text.null_embedding import NullEmbedding, check_matches_checkpoint
 from sanakit.sampling import sample_latents, to_uint8_grid
 from sanakit.train.components import autocast_dtype, build_models, latent_shape
@@ -96,6 +97,7 @@ def load_for_inference(
     allow_encoder_change: bool = False,
 ) -> Inference:
     path = resolve_checkpoint(checkpoint)
+    require_full_layout(listed_files(path))  # before any model is built
     cfg = read_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = build_models(cfg, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from sanakit.cli.checkpoint import cmd_checkpoint
 from sanakit.cli.common import USAGE, setup_console_logging
 from sanakit.cli.images import cmd_eval, cmd_export, cmd_sample
 from sanakit.cli.run import cmd_cache, cmd_doctor, cmd_train
@@ -24,6 +25,7 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "cache": cmd_cache,
     "serve": cmd_serve,
+    "checkpoint": cmd_checkpoint,
 }
 
 

@@ -24,6 +24,7 @@ commands:
   doctor [CONFIG.yaml] [--group.key=value ...]             preflight checks
   cache  build|verify [CONFIG.yaml] [--group.key=value ...] precompute / check the caches
   serve  WORK_DIR [--host 127.0.0.1] [--port 7860]         a web page: watch a run, sample it
+  checkpoint consolidate CHECKPOINT [OUT]                  sharded checkpoint -> full layout
 
 With no CONFIG the packaged default is used (built-in shapes, MiniLM, pixel space, tiny model).
 Overrides follow Sana: --train.train_batch_size=8 --data.data_dir="[a,b]".

@@ -33,6 +33,7 @@ Sampler = _choices_of("Sampler", "flow_dpm_solver", "flow_euler")
 MixedPrecision = _choices_of("MixedPrecision", "auto", "no", "bf16")  # auto: bf16 on CUDA only
 CacheMode = _choices_of("CacheMode", "off", "read", "readwrite")
 ReportTo = _choices_of("ReportTo", "tensorboard", "none")
+CheckpointFormat = _choices_of("CheckpointFormat", "full", "sharded")
 
 
 @dataclass
@@ -119,6 +120,8 @@ class TrainConfig:
     cache_dir: str = ""  # "" = {work_dir}/cache (text embeddings and latents)
     fsdp: bool = False  # with >1 process: shard params/grads/AdamW/EMA (FSDP2) instead of DDP
     overwrite_run: bool = False  # resume_from=none over checkpoints: move the old run aside
+    # sharded (FSDP, >1 process): every rank writes its own shard (torch.distributed.checkpoint)
+    checkpoint_format: CheckpointFormat = CheckpointFormat.FULL
 
 
 @dataclass

@@ -7,7 +7,8 @@ from pathlib import Path
 from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, WARN, Check
 from sanakit.doctor.probe import Probe
-from sanakit.io.checkpoint import checkpoint_step
+from sanakit.io.checkpoint import checkpoint_step, listed_files
+from sanakit.io.shards import is_sharded_checkpoint
 from sanakit.train.checkpoint_files import read_config
 from sanakit.train.resume import FRESH
 
@@ -44,7 +45,8 @@ def check_resume_target(cfg: Config, probe: Probe) -> Check:
             )
         return Check("resume", PASS, "no checkpoint yet: the run starts fresh")
     verb = "will restore and resume from" if r.restores else "will resume from"
-    msg = f"{verb} {r.path} (step {checkpoint_step(r.path)}, {how}){note}"
+    layout = "sharded, " if is_sharded_checkpoint(listed_files(r.path)) else ""
+    msg = f"{verb} {r.path} (step {checkpoint_step(r.path)}, {layout}{how}){note}"
     return Check("resume", WARN if r.skipped else PASS, msg, inspect)
 
 

@@ -83,6 +83,7 @@ __all__ = [
     "recover_interrupted",
     "resolve_checkpoint",
     "rotate",
+    "seal",
     "step_dir_name",
     "verify_checkpoint",
     "write_checkpoint",
@@ -256,6 +257,19 @@ def _file_table(tmp: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def seal(tmp: Path, step: int) -> None:
+    """Write ``manifest.json`` (size + sha256 of every file in ``tmp``) as the last file."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": _file_table(tmp),
+    }
+    with open(tmp / MANIFEST_NAME, "xb") as fh:  # last: its presence means "complete"
+        fh.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
 def _corrupt_name(d: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = d / f"{name}.corrupt-{stamp}"
@@ -308,15 +322,7 @@ def write_checkpoint(checkpoints_dir: Path, step: int, write_files: Callable[[Pa
 
     def fill(tmp: Path) -> None:
         write_files(tmp)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "step": step,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": _file_table(tmp),
-        }
-        with open(tmp / MANIFEST_NAME, "xb") as fh:  # last: its presence means "complete"
-            fh.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        seal(tmp, step)
 
     name = step_dir_name(step)
     try:

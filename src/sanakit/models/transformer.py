@@ -17,6 +17,7 @@ from sanakit.models.sana_checkpoint import read_nvlabs_checkpoint
 
 #: load_from files read as NVlabs/Sana trainer checkpoints (torch.load, weights only)
 TORCH_SUFFIXES = (".pth", ".pt")
+from sanakit.io.shards import SHARD_METADATA
 
 
 def transformer_kwargs(cfg: Config, in_channels: int, caption_channels: int, factor: int) -> dict:
@@ -95,6 +96,11 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> LoadedWeights:
     if path.is_file() and path.suffix == ".safetensors":
         candidates.insert(0, path)
     found = next((c for c in candidates if c.is_file()), None)
+    if found is None and (path / SHARD_METADATA).is_file():
+        raise CheckpointError(
+            f"load_from={path} is a sharded checkpoint; run `sanakit checkpoint consolidate "
+            f"{path}` and point load_from at the checkpoint it writes"
+        )
     if found is None:
         raise CheckpointError(
             f"load_from={path} holds no model.safetensors or diffusers transformer weights; "

@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from sanakit.errors import SanakitError
 from sanakit.flow import loss_by_sigma_bin
 from sanakit.io import checkpoint as ckpt
 from sanakit.io.atomic import atomic_write_text
+from sanakit.io.shards import SHARD_DIR, missing_shard_files
 from sanakit.sampling import sample_latents, to_uint8_grid
-from sanakit.train import parallel
+from sanakit.train import parallel, sharded
 from sanakit.train.components import autocast_dtype, estimate_checkpoint_bytes
 from sanakit.train.state import TrainState
 from sanakit.train.step import StepOutcome
@@ -252,17 +254,47 @@ class Checkpointer:
     def save(self, state: TrainState) -> bool:
         """Write (main process), then rotate. False when skipped for lack of space."""
         ranks = gather_object([state.per_rank_state()])
-        full = state.full_state()  # FSDP: every rank takes part in gathering the full tensors
-        check_finite_weights(self.accelerator, state, self.directory)
-        saved = True
-        if self.accelerator.is_main_process:
-            saved = self._write(state, ranks, full)
+        if self.cfg.train.checkpoint_format == "sharded":
+            check_finite_weights(self.accelerator, state, self.directory)
+            saved = self._save_sharded(state, ranks)
+        else:
+            full = state.full_state()  # FSDP: every rank takes part in gathering full tensors
+            check_finite_weights(self.accelerator, state, self.directory)
+            saved = True
+            if self.accelerator.is_main_process:
+                saved = self._write(state, lambda d: state.write(d, ranks, full))
         self.accelerator.wait_for_everyone()
         if saved:
             self.last_saved = state.step
         return saved
 
-    def _write(self, state: TrainState, ranks: list, full: dict) -> bool:
+    def _save_sharded(self, state: TrainState, ranks: list) -> bool:
+        """Every rank writes its slices into rank 0's temp dir; rank 0 then seals it (manifest
+        last, every rank's files included) and renames it into place."""
+        parts = (state.model, state.ema, state.optimizer)
+        if not self.accelerator.is_main_process:
+            tmp = sharded.share_temp_dir(self.directory, None)  # None: rank 0 skipped the save
+            if tmp is not None:
+                sharded.save_shards(*parts, tmp)
+            return tmp is not None
+        shared = False
+
+        def fill(tmp: Path) -> None:
+            nonlocal shared
+            state.write_side_files(tmp, ranks, "sharded")
+            (tmp / SHARD_DIR).mkdir()
+            sharded.share_temp_dir(self.directory, tmp)
+            shared = True
+            sharded.write_groups(tmp, sharded.save_shards(*parts, tmp))
+            sharded.refuse_invisible_shards(tmp, missing_shard_files(tmp / SHARD_DIR))
+
+        try:
+            return self._write(state, fill)
+        finally:
+            if not shared:  # the other ranks wait for a temp dir: tell them there is none
+                sharded.share_temp_dir(self.directory, None)
+
+    def _write(self, state: TrainState, write_files: Callable[[Path], None]) -> bool:
         needed = estimate_checkpoint_bytes(state.model)
         room, free = ckpt.has_room(self.directory, needed)
         if not room:
@@ -272,9 +304,7 @@ class Checkpointer:
                 state.step, self.directory, free / 1e6, needed / 1e6,
             )  # fmt: skip
             return False
-        path = ckpt.write_checkpoint(
-            self.directory, state.step, lambda d: state.write(d, ranks, full)
-        )
+        path = ckpt.write_checkpoint(self.directory, state.step, write_files)
         limit = self.cfg.train.checkpoints_total_limit
         removed = ckpt.rotate(self.directory, limit, protect=path)
         log.info("saved checkpoint %s%s", path, f" (rotated out {len(removed)})" if removed else "")

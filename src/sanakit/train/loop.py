@@ -27,6 +27,7 @@ from sanakit.train.batches import EpochBatches
 from sanakit.train.components import accelerate_precision, build_models, build_parts
 from sanakit.train.hooks import Checkpointer, Metrics, StopPolicy, Validation
 from sanakit.train.resume import resolve_resume
+from sanakit.train.sharded import check_checkpoint_format
 from sanakit.train.state import TrainState, read_trainer_state
 from sanakit.train.step import Stepper
 
@@ -49,6 +50,7 @@ def train(cfg: Config) -> RunResult:
 
     The CLI runs ``doctor.preflight`` first, before any model is loaded.
     """
+    check_checkpoint_format(cfg)  # before the work dir is touched
     # the job owns its work dir (rank 0 for every rank) before it writes anything into it
     with own(Path(cfg.work_dir), "sanakit train", hint=BUSY_HINT) as owner:
         if owner is not None and is_fresh_start(cfg.resume_from):

@@ -9,8 +9,9 @@ gradients, AdamW moments and EMA. We shard ourselves instead of letting accelera
 accelerate refuses FSDP without GPUs: this way one code path runs on GPUs (NCCL) and on CPUs
 (gloo), and the CPU path is what the tests exercise.
 
-Checkpoints always hold full tensors in the single-process layout, so DDP, FSDP and
-single-process runs resume each other's checkpoints. The model's weights go through
+Checkpoints hold full tensors in the single-process layout by default, so DDP, FSDP and
+single-process runs resume each other's checkpoints (``train.checkpoint_format=sharded``
+writes each rank's slices instead: ``train/sharded.py``). The model's weights go through
 ``torch.distributed.checkpoint.state_dict`` (``get_/set_model_state_dict`` with full state
 dicts); the EMA shadows and the optimizer state keep the single-process layout (integer
 parameter ids, which DCP's optimizer state dicts replace by names), so :func:`gather_full`

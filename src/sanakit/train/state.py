@@ -8,9 +8,11 @@ embedding with its provenance. Nothing read back can execute code: safetensors f
 manifest, rename) live in ``io/checkpoint.py``; reading files back (only those the manifest
 lists, every value checked) in ``train/checkpoint_files.py``.
 
-Weights, EMA and optimizer state are always written full (unsharded) in the single-process
+By default weights, EMA and optimizer state are written full (unsharded) in the single-process
 layout, whether the run was one process, DDP or FSDP; an FSDP run gathers them first
 (:meth:`TrainState.full_state`) and cuts them back into shards on load (``train/parallel.py``).
+With ``train.checkpoint_format=sharded`` every rank writes its own slices instead
+(``train/sharded.py``); :meth:`TrainState.load` reads either layout.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sanakit.data.sampler import ResumableSampler
 from sanakit.errors import CheckpointError
 from sanakit.io.artifacts import PROVENANCE
 from sanakit.io.checkpoint import ListedFiles, listed_files
+from sanakit.io.shards import is_sharded_checkpoint, require_full_layout
 from sanakit.models.text.null_embedding import NullEmbedding
 from sanakit.train.checkpoint_files import (
     CONFIG_FILE,
@@ -58,6 +61,7 @@ from sanakit.train.parallel import (
     local,
     shard_optimizer_state,
 )
+from sanakit.train.sharded import load_shards
 
 log = logging.getLogger("sanakit")
 
@@ -187,6 +191,10 @@ class TrainState:
         save_file(_contiguous(full["model"]), str(directory / MODEL_FILE))
         save_file(_contiguous(full["ema"]), str(directory / EMA_FILE))
         torch.save(full["optimizer"], directory / "optimizer.pt")
+        self.write_side_files(directory, ranks, "full")
+
+    def write_side_files(self, directory: Path, ranks: list[dict[str, Any]], layout: str) -> None:
+        """Everything but model, EMA and optimizer (main process; small in either layout)."""
         torch.save(self.lr_scheduler.state_dict(), directory / "lr_scheduler.pt")
         if self.grad_scaler is not None:
             torch.save(self.grad_scaler.state_dict(), directory / "grad_scaler.pt")
@@ -202,6 +210,7 @@ class TrainState:
             "world_size": self.world_size,
             "sanakit_version": __version__,
             "null_embed_provenance": self.null.provenance,
+            "checkpoint_format": layout,
             **self.extra,
         }
         (directory / TRAINER_FILE).write_text(json.dumps(trainer, indent=2))
@@ -211,16 +220,10 @@ class TrainState:
         """Restore everything from a verified checkpoint directory (only files it lists)."""
         files = listed_files(directory)
         trainer = read_trainer_state(directory)
-        # checkpoints hold full tensors; a sharded model keeps this rank's slices
-        model_shapes = {k: v.shape for k, v in self.model.state_dict().items()}
-        weights = read_weights(files, MODEL_FILE, model_shapes)
-        with reading(files.path(MODEL_FILE)):
-            load_full_model_state(self.model, weights)
-        ema_shapes = {k: v.shape for k, v in self.ema.state_dict().items()}
-        ema = read_weights(files, EMA_FILE, ema_shapes)
-        with reading(files.path(EMA_FILE)):
-            self.ema.load_state_dict(ema)
-        self._load_optimizer(files)
+        if is_sharded_checkpoint(files):  # every rank reads the slices it holds now
+            load_shards(files, self.model, self.ema, self.optimizer)
+        else:
+            self._load_full(files)
         path = files.path("lr_scheduler.pt")
         scheduler = torch_load(path)
         check_plain_state(path, scheduler, self.lr_scheduler.state_dict())
@@ -246,6 +249,18 @@ class TrainState:
                 saved_world,
             )
         self.step = int(trainer["step"])
+
+    def _load_full(self, files: ListedFiles) -> None:
+        # full tensors; a sharded model keeps this rank's slices
+        model_shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        weights = read_weights(files, MODEL_FILE, model_shapes)
+        with reading(files.path(MODEL_FILE)):
+            load_full_model_state(self.model, weights)
+        ema_shapes = {k: v.shape for k, v in self.ema.state_dict().items()}
+        ema = read_weights(files, EMA_FILE, ema_shapes)
+        with reading(files.path(EMA_FILE)):
+            self.ema.load_state_dict(ema)
+        self._load_optimizer(files)
 
     def _load_optimizer(self, files: ListedFiles) -> None:
         path = files.path("optimizer.pt")
@@ -274,6 +289,7 @@ def load_transformer_weights(directory: Path, model: torch.nn.Module, ema: bool 
     EMA files hold the trainable parameters only, so they may cover a subset of the model.
     """
     files = listed_files(directory)
+    require_full_layout(files)
     name = EMA_FILE if ema else MODEL_FILE
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     weights = read_weights(files, name, shapes, partial=ema)
