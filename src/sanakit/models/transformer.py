@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
+from sanakit.io.shards import SHARD_METADATA
 from sanakit.models.pretrained import build_pretrained_transformer
 from sanakit.models.pretrained_config import check_resolved
 from sanakit.models.sana_checkpoint import read_nvlabs_checkpoint
 
 #: load_from files read as NVlabs/Sana trainer checkpoints (torch.load, weights only)
 TORCH_SUFFIXES = (".pth", ".pt")
-from sanakit.io.shards import SHARD_METADATA
 
 
 def transformer_kwargs(cfg: Config, in_channels: int, caption_channels: int, factor: int) -> dict:
