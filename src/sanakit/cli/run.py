@@ -23,9 +23,13 @@ def cmd_train(args: list[str]) -> int:
 
     # before importing the training stack: a FAIL then costs ~1 s instead of ~5 s
     preflight(cfg)
+    from sanakit.io.topology import leave
     from sanakit.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    finally:  # an error on every rank of a launch exits with its own code, not an abort
+        leave()
     return 0
 
 
