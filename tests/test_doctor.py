@@ -45,6 +45,7 @@ ALL_CHECKS = [
     "checkpoint_model",
     "null_embed_provenance",
     "distributed",
+    "nodes",
 ]
 
 

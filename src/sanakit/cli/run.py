@@ -28,8 +28,11 @@ def cmd_train(args: list[str]) -> int:
 
     try:
         train(cfg)
-    finally:  # an error on every rank of a launch exits with its own code, not an abort
+    except SanakitError:
+        # an error agreed by every rank of a launch: exit with its code, not an abort in gloo's
+        # threads (after a peer crashed, tearing the group down could block: not done then)
         leave()
+        raise
     return 0
 
 

@@ -21,6 +21,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -265,6 +266,15 @@ def probe_roots(topo: Topology, roots: dict[str, Path]) -> dict[str, RootLayout]
         )
         for n, r in roots.items()
     }
+
+
+def join() -> bool:
+    """Join the launch's process group from the launcher's environment (for commands that do
+    not train, e.g. ``sanakit doctor``); True when this call set it up."""
+    if not dist.is_available() or dist.is_initialized() or not os.environ.get("MASTER_ADDR"):
+        return False
+    dist.init_process_group("gloo", timeout=timedelta(minutes=2))
+    return True
 
 
 def leave() -> None:
