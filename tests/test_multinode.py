@@ -157,6 +157,7 @@ def test_two_nodes_with_their_own_roots_equal_one_process(uninterrupted, tmp_pat
     assert "train.null_embed_root " + str(base / "null0") + ": node-local" in log
     assert "train.cache_dir " + str(base / "cache0") + ": node-local" in log
     assert "checkpoints: shared by all 2 nodes" in log
+    assert not list(base.rglob(".sanakit-probe-*"))
     for n in (0, 1):  # each node built its own null embedding and cached its own captions
         assert (base / f"null{n}" / NULL_FILE).is_file()
         assert cache_entries(base / f"cache{n}")
@@ -252,6 +253,7 @@ def test_a_node_that_does_not_see_the_checkpoints_stops_both_launchers(uninterru
             lines.append(errors[0])
         assert lines[0] == lines[1] and lines[0].startswith(expected[case]), lines
         assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
+        assert not list(work.rglob(".sanakit-probe-*"))  # the probes leave nothing behind
         assert len(losses(work)) == STEPS
     for code, out in finish(doctor, timeout=120):
         line = next(ln for ln in out.splitlines() if " nodes: " in ln)
