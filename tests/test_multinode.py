@@ -316,3 +316,56 @@ def test_every_rank_must_see_the_checkpoint_rank_0_resumes_from() -> None:
     other = [*same[:5], view(sha="t")]
     assert "its manifest differs from rank 0's" in disagreement(TOPO, other, chosen)
     assert disagreement(TOPO, [view(listing=())] * 6, None) == ""  # all start fresh
+
+
+AGREE_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch.distributed as dist
+from sanakit.errors import ArtifactError, SanakitError
+from sanakit.io.topology import agree, discover, probe_roots
+rank = int(sys.argv[1])
+os.environ["GROUP_RANK"] = sys.argv[1]  # each process is its own node
+address = "tcp://127.0.0.1:" + sys.argv[2]
+dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+topo = discover()
+shared, own = Path(sys.argv[3]) / "shared", Path(sys.argv[3]) / f"own{rank}"
+layouts = probe_roots(topo, {"a": shared, "b": own})
+print(layouts["a"].describe(), "|", layouts["b"].describe(), "|", layouts["b"].builder_node(rank))
+def build():
+    if rank == 1:
+        raise ArtifactError("cannot create null embedding in /x: read-only file system")
+    return "built"
+try:
+    agree(topo, build)
+except SanakitError as err:  # the same LaunchError on both
+    print("error:", err, err.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_a_step_failing_on_one_node_is_the_same_error_on_every_node(tmp_path):
+    """probe_roots on real files (one directory both see, one per process) and ``agree``: the
+    failure of one node is raised, naming it, on every node instead of a hang."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", AGREE_SCRIPT, str(r), port, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for r, (out, err) in enumerate(outs):
+        lines = out.splitlines()
+        assert lines[0] == (
+            f"shared by all 2 nodes | node-local (each of the 2 nodes has its own) | {r}"
+        ), err[-2000:]
+        assert lines[1] == (
+            f"error: node 1 (host {socket.gethostname()}, rank 1): cannot create null embedding "
+            "in /x: read-only file system 2"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # probes and their dirs removed
