@@ -215,7 +215,8 @@ def _remove_probes(roots: dict[str, Path], names: dict[str, str]) -> None:
 
 
 def _remove_dirs(created: list[Path]) -> None:
-    for d in created:  # deepest first; a directory someone filled meanwhile stays
+    # deepest first, across all roots; a directory someone filled meanwhile stays
+    for d in sorted(created, key=lambda p: len(p.parts), reverse=True):
         try:
             d.rmdir()
         except OSError:
