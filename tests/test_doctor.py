@@ -47,6 +47,7 @@ ALL_CHECKS = [
     "base_model",
     "null_embed_provenance",
     "distributed",
+    "nodes",
 ]
 
 

@@ -21,9 +21,16 @@ def cmd_train(args: list[str]) -> int:
 
     # before importing the training stack: a FAIL then costs ~1 s instead of ~5 s
     preflight(cfg)
+    from sanakit.io.topology import leave
     from sanakit.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except SanakitError:
+        # an error agreed by every rank of a launch: exit with its code, not an abort in gloo's
+        # threads (after a peer crashed, tearing the group down could block: not done then)
+        leave()
+        raise
     return 0
 
 

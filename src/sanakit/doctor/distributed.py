@@ -1,4 +1,5 @@
-"""World size and global batch vs the checkpoint (the sampler needs the same global batch)."""
+"""World size and global batch vs the checkpoint (the sampler needs the same global batch);
+under a multi-node launch, the nodes and how they see the artifact and checkpoint roots."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, WARN, Check, env_int
 from sanakit.doctor.probe import Probe
 from sanakit.io.checkpoint import listed_files
+from sanakit.io.topology import discover, join, leave, probe_roots
 from sanakit.train.checkpoint_files import read_sampler_state, read_trainer_state
+from sanakit.train.nodes import CHECKPOINTS, describe_layouts, run_roots, unshared_checkpoints
 
 
 def check_distributed(cfg: Config, probe: Probe) -> Check:
@@ -60,3 +63,22 @@ def check_distributed(cfg: Config, probe: Probe) -> Check:
             "nothing to do if the process count change is intended",
         )
     return Check("distributed", PASS, f"{now}, as in {r.path.name}")
+
+
+def check_nodes(cfg: Config, probe: Probe) -> Check:
+    """Under a launch (every rank runs it: it is a collective): world size, nodes, and whether
+    each root is shared by the nodes or node-local, probed as ``train`` probes them."""
+    if env_int("WORLD_SIZE", 1) in (None, 1):
+        return Check("nodes", PASS, "one process: nothing to share between nodes")
+    joined = join()
+    try:
+        topo = discover()
+        layouts = probe_roots(topo, run_roots(cfg))
+    finally:
+        if joined:
+            leave()
+    message = f"{topo.describe()}; {describe_layouts(layouts)}"
+    problem = unshared_checkpoints(topo, layouts[CHECKPOINTS])
+    if problem:
+        return Check("nodes", FAIL, f"{message}; {problem}", "share work_dir between the nodes")
+    return Check("nodes", PASS, message)

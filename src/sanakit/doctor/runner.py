@@ -20,7 +20,7 @@ from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, WARN, Check, Skipped, Status
 from sanakit.doctor.checkpoints import check_checkpoint_model, check_resume_target
 from sanakit.doctor.data import check_data
-from sanakit.doctor.distributed import check_distributed
+from sanakit.doctor.distributed import check_distributed, check_nodes
 from sanakit.doctor.models import check_autoencoder, check_memory, check_model, check_text_encoder
 from sanakit.doctor.null_embedding import check_null_embed_provenance, check_null_embedding
 from sanakit.doctor.paths import check_cache, check_disk, check_null_embed_root, check_work_dir
@@ -60,6 +60,7 @@ DOCTOR_CHECKS: tuple[CheckFn, ...] = (
     check_base_model,
     check_null_embed_provenance,
     check_distributed,
+    check_nodes,  # a collective under a launch: every rank runs it, last
 )
 
 

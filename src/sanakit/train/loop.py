@@ -22,11 +22,11 @@ from sanakit.config import Config, null_embed_root, to_yaml
 from sanakit.io.atomic import atomic_write_text
 from sanakit.io.ownership import own
 from sanakit.io.run_dir import is_fresh_start, prepare_fresh_start
-from sanakit.models.text.null_embedding import check_matches_checkpoint, obtain_null_embedding
+from sanakit.models.text.null_embedding import check_matches_checkpoint
 from sanakit.train.batches import EpochBatches
 from sanakit.train.components import accelerate_precision, build_models, build_parts
 from sanakit.train.hooks import Checkpointer, Metrics, StopPolicy, Validation
-from sanakit.train.resume import resolve_resume
+from sanakit.train.nodes import Launch
 from sanakit.train.sharded import check_checkpoint_format
 from sanakit.train.state import TrainState, read_trainer_state
 from sanakit.train.step import Stepper
@@ -57,15 +57,12 @@ def train(cfg: Config) -> RunResult:
             prepare_fresh_start(Path(cfg.work_dir), cfg.train.overwrite_run)
         accelerator = setup_accelerator(cfg)
         log_file = open_log(cfg, accelerator)
-        resume_dir = resolve_resume(cfg)
+        # every rank, on every node: how the nodes see the roots, and one agreed resume point
+        launch = Launch.agree(cfg)
+        resume_dir = launch.resume_dir
         models = build_models(cfg, accelerator.device)
         # the null embedding is obtained here, whatever the options: never a side effect (Sana #216)
-        null = obtain_null_embedding(
-            models.text_encoder,
-            null_embed_root(cfg),
-            is_builder=accelerator.is_local_main_process,
-            barrier=accelerator.wait_for_everyone,
-        )
+        null = launch.null_embedding(models.text_encoder, null_embed_root(cfg))
         parts = build_parts(cfg, accelerator, models, null, resuming=resume_dir is not None)
         state = parts.state
         if resume_dir is not None:
