@@ -74,7 +74,7 @@ class DataConfig:
     caption_key: str = "caption"
     random_flip: bool = False
     max_samples: int = 0  # 0 = all; a cap for quick runs and tests
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 for shapes, else up to 2 (a core left free)
 
 
 @dataclass
@@ -116,6 +116,7 @@ class TrainConfig:
     cache_dir: str = ""  # "" = {work_dir}/cache (text embeddings and latents)
     fsdp: bool = False  # with >1 process: shard params/grads/AdamW/EMA (FSDP2) instead of DDP
     overwrite_run: bool = False  # resume_from=none over checkpoints: move the old run aside
+    release_encoders: bool = True  # free text encoder + AE encoder once the caches cover the data
 
 
 @dataclass

@@ -23,14 +23,18 @@ This module holds what both caches share: modes, lookup, store and inspection of
 from __future__ import annotations
 
 import enum
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import safe_open
 
 from sanakit.config import Config
 from sanakit.embeddings.writer import writer
 from sanakit.errors import ArtifactError, ConfigError
 from sanakit.io.artifacts import (
+    PROVENANCE,
     Artifact,
     Invalid,
     InvalidKind,
@@ -89,6 +93,23 @@ class Inspection:
     status: EntryStatus
     reason: str
     path: Path
+
+
+def probe_entry(path: Path, key: dict) -> EntryStatus:
+    """An entry's status from the safetensors header alone (no tensor read, no NaN scan)."""
+    if writer().pending(path, key_hash(key)) is not None:
+        return EntryStatus.VALID
+    try:
+        if path.stat().st_size == 0:
+            return EntryStatus.CORRUPT
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(PROVENANCE)
+        stored = json.loads(raw)["key_sha256"] if raw else None
+    except FileNotFoundError:
+        return EntryStatus.MISSING
+    except Exception:  # a damaged header raises many types; all mean "rebuild it"
+        return EntryStatus.CORRUPT
+    return EntryStatus.VALID if stored == key_hash(key) else EntryStatus.STALE
 
 
 def _no_build() -> Tensors:  # entries are computed by the caches themselves, never by the store
@@ -167,6 +188,10 @@ class EntryCache:
             return
         writer().submit(path, key, tensors)
         self.stats.written += 1
+
+    def probe(self, path: Path, key: dict) -> EntryStatus:
+        """The entry's status from its header alone (see :func:`probe_entry`)."""
+        return EntryStatus.MISSING if self.mode == "off" else probe_entry(path, key)
 
     def inspect(self, path: Path, key: dict) -> Inspection:
         """Check the entry at ``path`` against ``key`` and the current settings."""
