@@ -52,17 +52,20 @@ def dataset_captions(dataset: Any) -> list[str] | None:
 
 
 AUTO_WORKERS = 2  # enough to keep cache reads and cold decodes off the training process
+CORES_KEPT = 2  # the training process's own threads; workers only pay beyond them
 
 
 def loader_workers(cfg: Config) -> int:
-    """``data.num_workers``, or when unset: 0 for the built-in shapes (rendered in a few ms
-    in-process; a worker only adds start-up), else up to AUTO_WORKERS, one core left free."""
+    """``data.num_workers``, or when unset: 0 for the built-in shapes (rendered in-process in a
+    few ms; a worker only adds start-up), else up to AUTO_WORKERS on the cores beyond
+    CORES_KEPT. On 2 cores a worker took a core from the model: 0.63 of the bare loop's speed
+    with one worker against 0.82 without (benchmarks/folder_bench.py, BENCHMARKS.md)."""
     if cfg.data.num_workers is not None:
         return int(cfg.data.num_workers)
     if cfg.data.type == "shapes":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(AUTO_WORKERS, (cores or 1) - 1))
+    return max(0, min(AUTO_WORKERS, (cores or 1) - CORES_KEPT))
 
 
 class CachedSamples(Dataset):
