@@ -96,6 +96,17 @@ class CaptionEncoder:
             self.store.put(caption, *row)
         return row
 
+    def known(self, caption: str) -> Row | None:
+        """The caption's row from memory or the disk cache, never encoded (for loader workers);
+        a row read from disk is remembered, so the next epoch reads nothing."""
+        row = self.pinned.get(caption) or self.memo.get(caption)
+        if row is not None:  # a row on the GPU must not cross into a forked worker
+            return row if row[0].device.type == "cpu" else None
+        row = self.store.find(caption) if self.store is not None else None
+        if row is not None:
+            self._remember(caption, row)
+        return row
+
     def _to_device(self, row: Row) -> Row:
         device = self.encoder.device  # a released encoder keeps its device
         return row[0].to(device, non_blocking=True), row[1].to(device, non_blocking=True)

@@ -22,10 +22,10 @@ from torch.utils.data import Dataset
 
 from sanakit.config import Config
 from sanakit.data.images import IMAGE_ERRORS, load_image, plan_crop
+from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.embeddings.latents import Entry, ImageBatch, LatentCache
 from sanakit.embeddings.sources import SourceIndex, read_bytes
 from sanakit.embeddings.store import EntryStatus, Inspection
-from sanakit.embeddings.text import TextEmbeddingCache
 
 logger = logging.getLogger("sanakit.data.dataset")
 
@@ -69,14 +69,15 @@ def loader_workers(cfg: Config) -> int:
 
 
 class CachedSamples(Dataset):
-    """``dataset[i]`` as a cached latent when the cache holds it, else decoded pixels."""
+    """``dataset[i]`` as a cached latent when the cache holds it, else decoded pixels; with
+    ``text``, the caption's embedding when memory or the disk cache holds it."""
 
     def __init__(
         self,
         dataset: Any,
         latents: LatentCache,
         sources: SourceIndex,
-        text: TextEmbeddingCache | None = None,
+        text: CaptionEncoder | None = None,
     ) -> None:
         self.base, self.indices = base_and_indices(dataset)
         self.latents, self.sources, self.text = latents, sources, text
@@ -91,7 +92,7 @@ class CachedSamples(Dataset):
         flip = self.base.flip_for(j)
         sample: dict[str, Any] = {"caption": rec.caption, "id": rec.id}
         if self.text is not None:
-            sample["text"] = self.text.find(rec.caption)
+            sample["text"] = self.text.known(rec.caption)
         try:
             source, data = self.sources.identify(rec)
             plan = plan_crop(source.height, source.width, height, width)

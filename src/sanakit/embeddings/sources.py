@@ -54,6 +54,7 @@ class SourceIndex:
     def __init__(self, root: Path, mode: str) -> None:
         self.dir = Path(root) / SUBDIR
         self.mode = mode
+        self.known: dict[tuple[str, int], tuple[list[int], Source]] = {}  # this process's reads
 
     def path_for(self, rec: Record) -> Path:
         h = hashlib.sha256(f"{rec.path}\0{rec.offset}".encode("utf-8", "surrogatepass"))
@@ -66,14 +67,19 @@ class SourceIndex:
             return None
         try:
             stat = file_stat(rec)
+            seen = self.known.get((rec.path, rec.offset))
+            if seen is not None and seen[0] == stat:  # the stat alone, from the second epoch on
+                return seen[1]
             doc = json.loads(self.path_for(rec).read_text(encoding="utf-8"))
             if doc["stat"] != stat or doc["path"] != rec.path:
                 return None
             source = Source(str(doc["sha256"]), int(doc["height"]), int(doc["width"]))
         except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable or malformed
             return None
-        ok = len(source.sha256) == 64 and source.height > 0 and source.width > 0
-        return source if ok else None
+        if len(source.sha256) != 64 or source.height <= 0 or source.width <= 0:
+            return None
+        self.known[(rec.path, rec.offset)] = (stat, source)
+        return source
 
     def learn(self, rec: Record, data: bytes, stat: list[int]) -> Source:
         """Hash ``data`` (read after ``stat`` was taken) and read its header; remember both.
@@ -82,6 +88,7 @@ class SourceIndex:
         """
         height, width = read_image_size(io.BytesIO(data))
         source = Source(hashlib.sha256(data).hexdigest(), int(height), int(width))
+        self.known[(rec.path, rec.offset)] = (stat, source)
         if self.mode == "readwrite":
             doc = {"path": rec.path, "stat": stat, **vars(source)}
             try:

@@ -84,7 +84,7 @@ class EpochBatches:
         enc = self.encoders
         if enc.sources is not None:
             dataset, collate_fn = (
-                CachedSamples(dataset, enc.latents, enc.sources, enc.captions.store),
+                CachedSamples(dataset, enc.latents, enc.sources, enc.captions),
                 collate_cached,
             )
         return DataLoader(
