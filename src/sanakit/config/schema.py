@@ -74,7 +74,7 @@ class DataConfig:
     caption_key: str = "caption"
     random_flip: bool = False
     max_samples: int = 0  # 0 = all; a cap for quick runs and tests
-    num_workers: int | None = None  # None: 0 for shapes, else up to 2 (a core left free)
+    num_workers: int | None = None  # None: 0 for shapes; files: up to 2, on cores beyond two
 
 
 @dataclass

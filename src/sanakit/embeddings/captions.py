@@ -13,6 +13,7 @@ alone. Caption dropout happens after this, at step time.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from sanakit.embeddings.store import EntryStatus
 
+log = logging.getLogger("sanakit")
 _MEMO_BYTES = 512 * 1024 * 1024  # a 300-token Gemma embedding is ~1.4 MB: bound bytes too
 CHUNK = 64  # captions per batched encode; part of what determines every cached embedding
 Row = tuple[torch.Tensor, torch.Tensor]
@@ -72,6 +74,7 @@ class CaptionEncoder:
 
     def _encoder(self) -> Any:
         if self.reload is not None:
+            log.warning("a caption embedding is missing from the cache: reloading the text encoder")
             self.encoder, self.reload = self.reload(), None
         return self.encoder
 

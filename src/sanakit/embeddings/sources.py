@@ -13,6 +13,7 @@ DataLoader worker, usually), only with ``cache_mode=readwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -20,8 +21,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import get_worker_info
+
 from sanakit.data.images import read_image_size
 from sanakit.data.records import Record
+from sanakit.embeddings.writer import writer
 from sanakit.io.atomic import atomic_write_text
 
 SUBDIR = "sources"
@@ -90,11 +94,12 @@ class SourceIndex:
         source = Source(hashlib.sha256(data).hexdigest(), int(height), int(width))
         self.known[(rec.path, rec.offset)] = (stat, source)
         if self.mode == "readwrite":
-            doc = {"path": rec.path, "stat": stat, **vars(source)}
-            try:
-                atomic_write_text(self.path_for(rec), json.dumps(doc, sort_keys=True))
-            except OSError:  # a full disk costs a re-hash next epoch, never the run
-                pass
+            text = json.dumps({"path": rec.path, "stat": stat, **vars(source)}, sort_keys=True)
+            if get_worker_info() is None:  # the training process: off the step's path
+                writer().submit_text(self.path_for(rec), text)
+            else:  # a worker ends with os._exit: its background writes could be lost
+                with contextlib.suppress(OSError):  # a full disk costs a re-hash, not the run
+                    atomic_write_text(self.path_for(rec), text)
         return source
 
     def identify(self, rec: Record) -> tuple[Source, bytes | None]:

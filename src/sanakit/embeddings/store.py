@@ -3,14 +3,17 @@
 Layout under the cache root (``train.cache_dir``, default ``{work_dir}/cache``)::
 
     text/{h[:2]}/{h}.safetensors     h = sha256(caption, UTF-8); tensors embeds [L, D], mask [L]
-    latents/{h[:2]}/{h}.safetensors  h = sha256(dtype, shape, bytes of the pixel tensor the
-                                     autoencoder sees); tensor latent [C, H/f, W/f]
+    latents/{h[:2]}/{h}.safetensors  file images: h = sha256(the file's bytes' sha256, its size,
+                                     target size, resize, crop box, flip, decode version);
+                                     images made in memory: h = sha256(dtype, shape, bytes of the
+                                     pixel tensor); tensor latent [C, H/f, W/f]
+    sources/{h[:2]}/{h}.json         h = sha256(file path, member offset): the file's digest and
+                                     size, believed while its stat is unchanged (sources.py)
 
-The file name says *what went in* (a caption, an exact pixel tensor); the provenance key in the
-safetensors metadata adds *what it went through*: the text encoder's fingerprint, max length,
-instruction hash and dtype, or the autoencoder's fingerprint, the image height x width and the
-dtype. Hashing the decoded pixels covers image content, resize, crop and flip at once, so a
-flipped or re-cropped image is simply another entry, and a cache never depends on the step or
+The file name says *what went in* (a caption, an image's bytes and crop, an exact pixel tensor);
+the provenance key in the safetensors metadata adds *what it went through*: the text encoder's
+fingerprint, max length, instruction hash and dtype, or the autoencoder's fingerprint and dtype.
+A flipped or re-cropped image is simply another entry, and a cache never depends on the step or
 the batch an entry was first seen in (diffusers #14430). An entry whose key differs (another
 encoder, max length, autoencoder...) is *stale*; one that is empty, truncated, unreadable or
 holds NaN/Inf is *corrupt*. Neither is ever used: the value is recomputed (and rewritten in
