@@ -53,7 +53,7 @@ def _check_numbers(cfg: Config) -> None:
         (f"<= {COUNT_MAX}", _COUNTS, lambda v: v <= COUNT_MAX),
         (">= 2 (a token and its end marker)", ("text_encoder.max_length",), lambda v: v >= 2),
     ):
-        bad = [k for k in keys if not ok(attrgetter(k)(cfg))]
+        bad = [k for k in keys if (v := attrgetter(k)(cfg)) is not None and not ok(v)]
         if bad:
             raise fail(bad[0], rule)
     check_seed(cfg.seed)

@@ -78,7 +78,7 @@ class DataConfig:
     caption_key: str = "caption"
     random_flip: bool = False
     max_samples: int = 0  # 0 = all; a cap for quick runs and tests
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 for shapes; files: up to 2, on cores beyond two
 
 
 @dataclass
@@ -122,6 +122,7 @@ class TrainConfig:
     overwrite_run: bool = False  # resume_from=none over checkpoints: move the old run aside
     # sharded (FSDP, >1 process): every rank writes its own shard (torch.distributed.checkpoint)
     checkpoint_format: CheckpointFormat = CheckpointFormat.FULL
+    release_encoders: bool = True  # free text encoder + AE encoder once the caches cover the data
 
 
 @dataclass

@@ -7,6 +7,7 @@ raises for corrupt or hostile files (:data:`IMAGE_ERRORS`); callers turn them in
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,29 @@ def is_transposed(img: Image.Image) -> bool:
     return orientation in _TRANSPOSED_ORIENTATIONS
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """How an image of a given displayed size becomes a ``height x width`` sample: resize to
+    cover, then center crop. Decided from the header size alone, so a cache can be keyed by it
+    without decoding a pixel."""
+
+    height: int
+    width: int
+    resize_h: int
+    resize_w: int
+    left: int
+    top: int
+
+
+def plan_crop(source_h: int, source_w: int, height: int, width: int) -> CropPlan:
+    """The resize and center-crop box that turn ``source_h x source_w`` into ``height x width``."""
+    scale = max(height / source_h, width / source_w)
+    new_h = max(height, round(source_h * scale))
+    new_w = max(width, round(source_w * scale))
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return CropPlan(height, width, new_h, new_w, left, top)
+
+
 def load_image(source: Any, height: int, width: int, flip: bool = False) -> torch.Tensor:
     """Decode ``source`` to RGB, resize to cover ``height x width``, center crop, maybe flip.
 
@@ -74,19 +98,19 @@ def load_image(source: Any, height: int, width: int, flip: bool = False) -> torc
     with Image.open(source) as img:
         transposed = is_transposed(img)
         w0, h0 = img.size[::-1] if transposed else img.size
-        scale = max(height / h0, width / w0)
-        new_h = max(height, round(h0 * scale))
-        new_w = max(width, round(w0 * scale))
-        if scale < 1:
+        plan = plan_crop(h0, w0, height, width)
+        new_h, new_w = plan.resize_h, plan.resize_w
+        shrink = max(height / h0, width / w0) < 1
+        if shrink:
             # JPEG only: decode at a reduced DCT scale that is still >= the needed size, which
             # makes big photos several times cheaper. draft() works in stored orientation.
             img.draft("RGB", (new_h, new_w) if transposed else (new_w, new_h))
         rgb = to_rgb(ImageOps.exif_transpose(img))
     # Lanczos keeps detail when shrinking; bicubic avoids ringing when upscaling small images.
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
     if rgb.size != (new_w, new_h):
         rgb = rgb.resize((new_w, new_h), resample)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
+    left, top = plan.left, plan.top
     rgb = rgb.crop((left, top, left + width, top + height))
     if flip:
         rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

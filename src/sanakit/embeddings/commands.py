@@ -19,7 +19,16 @@ from tqdm import tqdm
 
 from sanakit.config import Config
 from sanakit.data.dataset import build_dataset
+from sanakit.embeddings.captions import CaptionChunks, CaptionEncoder
 from sanakit.embeddings.latents import LatentCache, pixel_variants
+from sanakit.embeddings.loader import (
+    EntryCheck,
+    base_and_indices,
+    dataset_captions,
+    file_backed,
+    loader_workers,
+)
+from sanakit.embeddings.sources import SourceIndex
 from sanakit.embeddings.store import PROBLEMS, EntryStatus, Inspection, cache_root
 from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.embeddings.writer import flush_writes
@@ -38,6 +47,7 @@ class CacheParts:
     text: TextEmbeddingCache
     latents: LatentCache
     dataset: Any  # the training dataset, resized into buckets as training does
+    sources: SourceIndex  # file digests (latents of files are keyed by their bytes)
     num_workers: int = 0  # DataLoader workers decoding images
 
     @property
@@ -76,22 +86,22 @@ class Section:
         return sum(self.counts.get(k, 0) for k in PROBLEMS)
 
 
-def _base(dataset: Any) -> tuple[Any, list[int]]:
-    """The underlying dataset and the indices a (nested) ``Subset`` exposes."""
-    indices = list(range(len(dataset)))
-    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
-        indices = [int(dataset.indices[i]) for i in indices]
-        dataset = dataset.dataset
-    return dataset, indices
-
-
 def _as_list(items: list) -> list:
     return items
 
 
+def _loaded(dataset: Any, num_workers: int, desc: str, progress: bool) -> Iterator[Any]:
+    """Every item of ``dataset`` through a DataLoader (``num_workers`` processes)."""
+    loader = DataLoader(dataset, batch_size=16, collate_fn=_as_list, num_workers=num_workers)
+    with tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress) as bar:
+        for batch in loader:
+            bar.update(len(batch))
+            yield from batch
+
+
 def _samples(dataset: Any, num_workers: int, need_pixels: bool) -> Iterator[dict | None]:
     """Every sample of the run's dataset; captions straight from the index when pixels are moot."""
-    base, indices = _base(dataset)
+    base, indices = base_and_indices(dataset)
     records = getattr(base, "records", None)
     if not need_pixels and records is not None:
         for i in indices:
@@ -112,7 +122,7 @@ def _each_sample(parts: CacheParts, desc: str, progress: bool) -> Iterator[dict 
 
 
 def _flips(dataset: Any) -> bool:
-    return bool(getattr(_base(dataset)[0], "random_flip", False))
+    return bool(getattr(base_and_indices(dataset)[0], "random_flip", False))
 
 
 def _remove_stale_temp_files(parts: CacheParts) -> int:
@@ -126,6 +136,55 @@ def _remove_stale_temp_files(parts: CacheParts) -> int:
     )
 
 
+def _build_text(parts: CacheParts, progress: bool) -> int:
+    """Encode every missing caption as training would (file datasets: in the same fixed
+    chunks; images made in memory: alone); returns how many distinct captions there are."""
+    text = parts.text
+    captions = dataset_captions(parts.dataset)
+    if captions is None:
+        seen = {i["caption"] for i in _each_sample(parts, "captions", progress) if i is not None}
+        for caption in sorted(seen):
+            text.get(caption)
+        return len(seen)
+    chunks = CaptionChunks(captions)
+    found = CaptionEncoder(text.encoder, store=text, chunks=chunks).prefill(True, progress)
+    text.stats.read += found[EntryStatus.VALID]
+    text.stats.invalid += found[EntryStatus.CORRUPT] + found[EntryStatus.STALE]
+    return len(chunks.ordered)
+
+
+def _build_file_latents(parts: CacheParts, flips: bool, progress: bool) -> tuple[int, int]:
+    """Every latent variant of a file dataset, checked in workers, built here; (images, bad)."""
+    latents, images, unreadable = parts.latents, 0, 0
+    check = EntryCheck(parts.dataset, latents, parts.sources, flips, decode=True)
+    for item in _loaded(check, parts.num_workers, "cache build", progress):
+        if item is None:
+            unreadable += 1
+            continue
+        for k, (entry, found) in enumerate(zip(item["entries"], item["found"], strict=True)):
+            images += 1
+            if found.status is EntryStatus.VALID:
+                latents.stats.read += 1
+                continue
+            latents.stats.invalid += found.status is not EntryStatus.MISSING
+            pixels = torch.flip(item["pixels"], dims=[-1]) if k else item["pixels"]
+            latents.store(*entry, {"latent": latents.encode_one(pixels)})
+    return images, unreadable
+
+
+def _build_memory_latents(parts: CacheParts, flips: bool, progress: bool) -> tuple[int, int]:
+    """Latents of images made in memory (keyed by their pixels); (images, unreadable)."""
+    images = unreadable = 0
+    for item in _each_sample(parts, "cache build", progress):
+        if item is None:
+            unreadable += 1
+            continue
+        for pixels in pixel_variants(item["pixels"], flips):
+            parts.latents.encode(pixels[None])
+            images += 1
+    return images, unreadable
+
+
 def build_caches(parts: CacheParts, progress: bool = True) -> dict:
     """Compute and write every missing or invalid caption embedding and latent of the dataset.
 
@@ -136,19 +195,14 @@ def build_caches(parts: CacheParts, progress: bool = True) -> dict:
     text, latents = parts.text, parts.latents
     removed = _remove_stale_temp_files(parts)
     flips = _flips(parts.dataset)
-    seen: set[str] = set()
+    captions = _build_text(parts, progress)
     images = unreadable = 0
-    for item in _each_sample(parts, "cache build", progress):
-        if item is None:
-            unreadable += 1
-            continue
-        if item["caption"] not in seen:
-            seen.add(item["caption"])
-            text.get(item["caption"])
-        if not latents.passthrough:
-            for pixels in pixel_variants(item["pixels"], flips):
-                latents.encode(pixels[None])
-                images += 1
+    if latents.passthrough:
+        unreadable = sum(item is None for item in _each_sample(parts, "cache build", progress))
+    elif file_backed(parts.dataset):
+        images, unreadable = _build_file_latents(parts, flips, progress)
+    else:
+        images, unreadable = _build_memory_latents(parts, flips, progress)
     failures = flush_writes()
     if failures:
         raise ArtifactError(
@@ -159,7 +213,7 @@ def build_caches(parts: CacheParts, progress: bool = True) -> dict:
         "root": str(parts.root),
         "samples": len(parts.dataset),
         "unreadable": unreadable,
-        "captions": len(seen),
+        "captions": captions,
         "text": vars(text.stats),
         "images": images,
         "latents": None if latents.passthrough else vars(latents.stats),
@@ -169,30 +223,45 @@ def build_caches(parts: CacheParts, progress: bool = True) -> dict:
     }
 
 
+def _verify_latents(parts: CacheParts, section: Section, progress: bool) -> int:
+    """Record every latent entry the dataset needs in ``section``; returns the unreadable."""
+    latents, flips, unreadable = parts.latents, _flips(parts.dataset), 0
+    if file_backed(parts.dataset):
+        check = EntryCheck(parts.dataset, latents, parts.sources, flips, decode=False)
+        for item in _loaded(check, parts.num_workers, "cache verify", progress):
+            if item is None:
+                unreadable += 1
+                continue
+            for found in item["found"]:
+                section.record(found, f"sample {item['id']}")
+        return unreadable
+    for item in _each_sample(parts, "cache verify", progress):
+        if item is None:
+            unreadable += 1
+            continue
+        for pixels in pixel_variants(item["pixels"], flips):
+            section.record(latents.inspect_pixels(pixels), f"sample {item['id']}")
+    return unreadable
+
+
 def verify_caches(parts: CacheParts, progress: bool = True) -> tuple[list[Section], int]:
     """Check every entry the dataset needs; returns per-cache sections and the unreadable count.
 
     Open the caches in ``read`` mode: verifying never writes.
     """
-    text, latents = parts.text, parts.latents
-    flips = _flips(parts.dataset)
+    text = parts.text
     text_section = Section("text embeddings")
     latent_section = Section("latents")
-    if latents.passthrough:
+    captions = dataset_captions(parts.dataset)
+    if captions is None:
+        captions = [i["caption"] for i in _each_sample(parts, "captions", progress) if i]
+    for caption in sorted(set(captions)):
+        text_section.record(text.inspect_caption(caption), f"caption {caption[:60]!r}")
+    if parts.latents.passthrough:
         latent_section.skipped = "vae.type=pixel trains on pixels: no latent cache"
-    seen: set[str] = set()
-    unreadable = 0
-    for item in _each_sample(parts, "cache verify", progress):
-        if item is None:
-            unreadable += 1
-            continue
-        caption = item["caption"]
-        if caption not in seen:
-            seen.add(caption)
-            text_section.record(text.inspect_caption(caption), f"caption {caption[:60]!r}")
-        if not latents.passthrough:
-            for pixels in pixel_variants(item["pixels"], flips):
-                latent_section.record(latents.inspect_pixels(pixels), f"sample {item['id']}")
+        unreadable = 0
+    else:
+        unreadable = _verify_latents(parts, latent_section, progress)
     return [text_section, latent_section], unreadable
 
 
@@ -239,5 +308,6 @@ def open_caches(cfg: Config, mode: str) -> CacheParts:
         text=TextEmbeddingCache(root, encoder, mode),
         latents=LatentCache(root, autoencoder, mode),
         dataset=dataset,
-        num_workers=cfg.data.num_workers,
+        sources=SourceIndex(root, mode),
+        num_workers=loader_workers(cfg),
     )

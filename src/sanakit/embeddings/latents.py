@@ -1,17 +1,59 @@
-"""The latent cache: one image's exact pixel tensor -> its scaled latent, on disk."""
+"""The latent cache: one image -> its scaled latent, on disk.
+
+Two kinds of entries. An image read from a file is keyed by the file's bytes (its sha256, see
+``sources.py``), the crop plan (target size, resize, crop box, decided from the header size),
+the flip and the decode version: a warm epoch finds its latents without decoding a pixel. An
+image made in memory (the built-in shapes) is keyed by its exact pixel tensor. Either way each
+image is encoded alone, so no value depends on which images shared its batch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sanakit.config import Config
+from sanakit.data.images import CropPlan
+from sanakit.embeddings.sources import Source
 from sanakit.embeddings.store import EntryCache, Inspection, cache_root
-from sanakit.io.artifacts import Tensors
+from sanakit.embeddings.writer import writer
+from sanakit.io.artifacts import Tensors, key_hash
+
+# bump when load_image turns the same bytes and plan into other pixels (entries go stale)
+DECODE_VERSION = 1
+Entry = tuple[Path, dict]  # where an entry lives and the key it must carry
+
+
+@dataclass
+class ImageBatch:
+    """A batch as the data loader hands it over: latents found in the cache (read and checked
+    in a worker) and decoded pixels, with the entry to store, for the rest."""
+
+    latents: list[torch.Tensor | None]
+    pixels: list[torch.Tensor | None]
+    entries: list[Entry | None]
+    stacked: torch.Tensor | None = None  # every latent, when all were found
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def pin_memory(self) -> ImageBatch:  # DataLoader(pin_memory=True) calls this (CUDA only)
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return ImageBatch(
+            [pin(t) for t in self.latents],
+            [pin(t) for t in self.pixels],
+            self.entries,
+            pin(self.stacked),
+        )
+
 
 log = logging.getLogger("sanakit")
 
@@ -47,6 +89,8 @@ class LatentCache(EntryCache):
         super().__init__(root, "off" if self.passthrough else mode)
         self.device = getattr(autoencoder, "device", torch.device("cpu"))
         self.dtype = getattr(autoencoder, "dtype", torch.float32)
+        self.latent_channels = int(autoencoder.latent_channels)
+        self.reload: Callable[[], Any] | None = None  # set when the encoder half is released
         self.identity = {
             "autoencoder": autoencoder.name,
             "fingerprint": autoencoder.fingerprint(),  # hashes weights: compute once
@@ -78,7 +122,7 @@ class LatentCache(EntryCache):
 
     def fits(self, tensors: Tensors) -> str | None:
         latent = tensors["latent"]
-        if latent.shape[0] != self.autoencoder.latent_channels:
+        if latent.shape[0] != self.latent_channels:
             return f"latent shape {tuple(latent.shape)} does not fit the autoencoder"
         if latent.dtype != self.dtype:
             return f"dtype {latent.dtype}, expected {self.dtype}"
@@ -89,21 +133,66 @@ class LatentCache(EntryCache):
         key = self.key_for(digest, int(pixels.shape[-2]), int(pixels.shape[-1]))
         return self.path_for_digest(digest), key
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def file_entry(self, source: Source, plan: CropPlan, flip: bool) -> Entry:
+        """The entry of one file image under a crop plan and flip (no pixel needed)."""
+        what = {
+            "source_sha256": source.sha256,
+            "source_size": [source.height, source.width],
+            "size": [plan.height, plan.width],
+            "resize": [plan.resize_h, plan.resize_w],
+            "crop": [plan.left, plan.top],
+            "flip": bool(flip),
+            "decode": DECODE_VERSION,
+        }
+        return self.path_for_digest(key_hash(what)), {
+            "kind": "latent-file",
+            **what,
+            **self.identity,
+        }
+
+    def encode_one(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One image ``[3, H, W]`` through the autoencoder, alone (reloaded if released)."""
+        if self.reload is not None:
+            log.warning("a latent is missing from the cache: reloading the released autoencoder")
+            self.autoencoder, self.reload = self.reload(), None
+        self.stats.computed += 1
+        return self.autoencoder.encode(pixels[None].to(self.device))[0]
+
+    def encode(self, pixels: torch.Tensor | ImageBatch) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]`` on the autoencoder's device."""
+        if isinstance(pixels, ImageBatch):
+            return self.encode_loaded(pixels)
         if self.passthrough:
             return self.autoencoder.encode(pixels.to(self.device))
         rows = []
         for i in range(pixels.shape[0]):
-            one = pixels[i : i + 1]
-            path, key = self._entry(one[0])
+            path, key = self._entry(pixels[i])
             hit = self.lookup(path, key)
             if hit is not None:
                 rows.append(hit["latent"].to(self.device))
                 continue
-            latent = self.autoencoder.encode(one.to(self.device))[0]
-            self.stats.computed += 1
+            latent = self.encode_one(pixels[i])
             self.store(path, key, {"latent": latent})
+            rows.append(latent)
+        return torch.stack(rows)
+
+    def encode_loaded(self, batch: ImageBatch) -> torch.Tensor:
+        """Latents of a loaded batch: the found ones copied over, the rest encoded and stored."""
+        if batch.stacked is not None:
+            self.stats.read += len(batch)
+            return batch.stacked.to(self.device, non_blocking=True)
+        rows = []
+        for latent, pixels, entry in zip(batch.latents, batch.pixels, batch.entries, strict=True):
+            if latent is None and entry is not None:  # an equal image may be in flight already
+                pending = writer().pending(entry[0], key_hash(entry[1]))
+                latent = None if pending is None else pending["latent"]
+            if latent is not None:
+                self.stats.read += 1
+                rows.append(latent.to(self.device, non_blocking=True))
+                continue
+            assert pixels is not None and entry is not None, "a miss carries its pixels"
+            latent = self.encode_one(pixels)
+            self.store(*entry, {"latent": latent})
             rows.append(latent)
         return torch.stack(rows)
 

@@ -3,14 +3,17 @@
 Layout under the cache root (``train.cache_dir``, default ``{work_dir}/cache``)::
 
     text/{h[:2]}/{h}.safetensors     h = sha256(caption, UTF-8); tensors embeds [L, D], mask [L]
-    latents/{h[:2]}/{h}.safetensors  h = sha256(dtype, shape, bytes of the pixel tensor the
-                                     autoencoder sees); tensor latent [C, H/f, W/f]
+    latents/{h[:2]}/{h}.safetensors  file images: h = sha256(the file's bytes' sha256, its size,
+                                     target size, resize, crop box, flip, decode version);
+                                     images made in memory: h = sha256(dtype, shape, bytes of the
+                                     pixel tensor); tensor latent [C, H/f, W/f]
+    sources/{h[:2]}/{h}.json         h = sha256(file path, member offset): the file's digest and
+                                     size, believed while its stat is unchanged (sources.py)
 
-The file name says *what went in* (a caption, an exact pixel tensor); the provenance key in the
-safetensors metadata adds *what it went through*: the text encoder's fingerprint, max length,
-instruction hash and dtype, or the autoencoder's fingerprint, the image height x width and the
-dtype. Hashing the decoded pixels covers image content, resize, crop and flip at once, so a
-flipped or re-cropped image is simply another entry, and a cache never depends on the step or
+The file name says *what went in* (a caption, an image's bytes and crop, an exact pixel tensor);
+the provenance key in the safetensors metadata adds *what it went through*: the text encoder's
+fingerprint, max length, instruction hash and dtype, or the autoencoder's fingerprint and dtype.
+A flipped or re-cropped image is simply another entry, and a cache never depends on the step or
 the batch an entry was first seen in (diffusers #14430). An entry whose key differs (another
 encoder, max length, autoencoder...) is *stale*; one that is empty, truncated, unreadable or
 holds NaN/Inf is *corrupt*. Neither is ever used: the value is recomputed (and rewritten in
@@ -23,14 +26,18 @@ This module holds what both caches share: modes, lookup, store and inspection of
 from __future__ import annotations
 
 import enum
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import safe_open
 
 from sanakit.config import Config
 from sanakit.embeddings.writer import writer
 from sanakit.errors import ArtifactError, ConfigError
 from sanakit.io.artifacts import (
+    PROVENANCE,
     Artifact,
     Invalid,
     InvalidKind,
@@ -89,6 +96,23 @@ class Inspection:
     status: EntryStatus
     reason: str
     path: Path
+
+
+def probe_entry(path: Path, key: dict) -> EntryStatus:
+    """An entry's status from the safetensors header alone (no tensor read, no NaN scan)."""
+    if writer().pending(path, key_hash(key)) is not None:
+        return EntryStatus.VALID
+    try:
+        if path.stat().st_size == 0:
+            return EntryStatus.CORRUPT
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(PROVENANCE)
+        stored = json.loads(raw)["key_sha256"] if raw else None
+    except FileNotFoundError:
+        return EntryStatus.MISSING
+    except Exception:  # a damaged header raises many types; all mean "rebuild it"
+        return EntryStatus.CORRUPT
+    return EntryStatus.VALID if stored == key_hash(key) else EntryStatus.STALE
 
 
 def _no_build() -> Tensors:  # entries are computed by the caches themselves, never by the store
@@ -167,6 +191,10 @@ class EntryCache:
             return
         writer().submit(path, key, tensors)
         self.stats.written += 1
+
+    def probe(self, path: Path, key: dict) -> EntryStatus:
+        """The entry's status from its header alone (see :func:`probe_entry`)."""
+        return EntryStatus.MISSING if self.mode == "off" else probe_entry(path, key)
 
     def inspect(self, path: Path, key: dict) -> Inspection:
         """Check the entry at ``path`` against ``key`` and the current settings."""

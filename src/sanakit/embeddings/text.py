@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sanakit.config import Config
-from sanakit.embeddings.store import EntryCache, Inspection, cache_root
+from sanakit.embeddings.store import EntryCache, EntryStatus, Inspection, cache_root
 from sanakit.io.artifacts import Tensors
 
 
@@ -60,17 +60,31 @@ class TextEmbeddingCache(EntryCache):
             return f"dtype {embeds.dtype}, expected {self.dtype}"
         return None
 
+    def find(self, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(embeds [L, D], mask [L])`` from disk (checked), or None when it must be encoded."""
+        hit = self.lookup(self.path_for(caption), self.key_for(caption))
+        return None if hit is None else (hit["embeds"], hit["mask"])
+
+    def put(self, caption: str, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        """Record a freshly encoded caption (written in readwrite mode)."""
+        self.stats.computed += 1
+        self.store(self.path_for(caption), self.key_for(caption), {"embeds": embeds, "mask": mask})
+
     def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeds [L, D], mask [L])`` on the encoder's device: from disk or computed."""
-        path, key = self.path_for(caption), self.key_for(caption)
-        hit = self.lookup(path, key)
+        """``(embeds [L, D], mask [L])`` on the encoder's device: from disk or encoded alone."""
+        hit = self.find(caption)
         device = self.encoder.device
         if hit is not None:
-            return hit["embeds"].to(device), hit["mask"].to(device)
+            return hit[0].to(device), hit[1].to(device)
         embeds, mask = self.encoder.encode([caption])
-        self.stats.computed += 1
-        self.store(path, key, {"embeds": embeds[0], "mask": mask[0]})
+        self.put(caption, embeds[0], mask[0])
         return embeds[0], mask[0]
+
+    def probe_caption(self, caption: str) -> EntryStatus:
+        """The entry's status from its header alone (exists, readable, same key): no tensor is
+        read, so checking a whole dataset before step 1 costs one small read per caption. A
+        damaged body is still caught when the entry is used."""
+        return self.probe(self.path_for(caption), self.key_for(caption))
 
     def inspect_caption(self, caption: str) -> Inspection:
         """The entry ``caption`` needs, checked without using it."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sanakit.io.artifacts import PROVENANCE, Tensors, key_hash, make_provenance
-from sanakit.io.atomic import atomic_write
+from sanakit.io.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger("sanakit")
 
@@ -56,9 +56,21 @@ class BackgroundWriter:
             self._in_flight += 1
             self._pool.submit(self._run, path, key, tensors)
 
-    def _run(self, path: Path, key: dict, tensors: Tensors) -> None:
+    def submit_text(self, path: Path, text: str) -> None:
+        """Queue a small text file (a source record); never served while in flight."""
+        self._slots.acquire()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sanakit-cache")
+            self._in_flight += 1
+            self._pool.submit(self._run, path, None, text)
+
+    def _run(self, path: Path, key: dict | None, tensors: Tensors | str) -> None:
         try:
-            write_entry(path, key, tensors)
+            if isinstance(tensors, str):
+                atomic_write_text(path, tensors)
+            else:
+                write_entry(path, key, tensors)
         except Exception as err:  # a cache write must never take training down
             with self._lock:
                 self.failures.append(f"{path}: {err}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from sanakit import __version__
 from sanakit.errors import ArtifactError
@@ -90,9 +90,9 @@ class Invalid(Exception):
 def _read(path: Path) -> tuple[Tensors, dict | None]:
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:  # one open: warm epochs read many
                 meta = f.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             raw = meta.get(PROVENANCE)
             return tensors, json.loads(raw) if raw else None
         data = torch.load(path, map_location="cpu", weights_only=True)

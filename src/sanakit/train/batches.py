@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from sanakit.config import Config
 from sanakit.data.dataset import collate, set_epoch, target_size
 from sanakit.data.sampler import ResumableSampler
+from sanakit.embeddings.loader import CachedSamples, collate_cached, loader_workers
 from sanakit.flow import sample_sigmas
 from sanakit.train.components import Parts
 from sanakit.train.timers import Timers
@@ -33,6 +34,7 @@ class MicroBatch:
     noise: torch.Tensor  # on the training device
     drop_draws: torch.Tensor  # caption dropout: dropped where draw < class_dropout_prob
     weight: float = 1.0  # 0.0 for a stand-in that only joins the all-reduce
+    found_text: list | None = None  # caption embeddings a loader worker read from the cache
 
 
 @dataclass
@@ -74,6 +76,24 @@ class EpochBatches:
         self.latent_channels = parts.latent_shape[0]
         self.factor: int = parts.autoencoder.downsample_factor
         self.bad = 0
+        self.encoders = parts.encoders
+
+    def _loader(self) -> DataLoader:
+        """Cache lookups run in the workers for file datasets; pinned batches on CUDA."""
+        dataset, collate_fn = self.dataset, collate
+        enc = self.encoders
+        if enc.sources is not None:
+            dataset, collate_fn = (
+                CachedSamples(dataset, enc.latents, enc.sources, enc.captions),
+                collate_cached,
+            )
+        return DataLoader(
+            dataset,
+            batch_sampler=self.sampler,  # yields this rank's share of each global batch
+            collate_fn=collate_fn,
+            num_workers=loader_workers(self.cfg),
+            pin_memory=self.device.type == "cuda",
+        )
 
     def __iter__(self) -> Iterator[MicroBatch]:
         sampler, image_size = self.sampler, self.cfg.model.image_size
@@ -81,14 +101,7 @@ class EpochBatches:
         sizes = [
             (len(g), target_size(self.dataset, g[0], image_size)) for g in sampler.global_batches()
         ]
-        loader = iter(
-            DataLoader(
-                self.dataset,
-                batch_sampler=sampler,  # yields this rank's share of each global batch
-                collate_fn=collate,
-                num_workers=self.cfg.data.num_workers,
-            )
-        )
+        loader = iter(self._loader())
         for global_size, (h, w) in sizes:
             self.timers.restart()
             batch = next(loader)
@@ -111,8 +124,9 @@ class EpochBatches:
         positions = positions[torch.as_tensor(batch["kept"], dtype=torch.long)]
         mine = draws.share(positions, self.device)
         return MicroBatch(
-            batch["pixels"], batch["captions"], mine.sigmas, mine.noise, mine.drop_draws
-        )
+            batch["pixels"], batch["captions"], mine.sigmas, mine.noise, mine.drop_draws,
+            found_text=batch.get("found_text"),
+        )  # fmt: skip
 
     def _stand_in(self, latent: tuple[int, int, int]) -> MicroBatch:
         # the other ranks all-reduce this micro-batch's gradients: take part with a zero-weight

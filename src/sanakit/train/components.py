@@ -13,9 +13,6 @@ from torch.utils.data import Dataset
 from sanakit.config import Config, to_yaml
 from sanakit.data.dataset import build_dataset
 from sanakit.data.sampler import ResumableSampler
-from sanakit.embeddings.captions import CaptionEncoder
-from sanakit.embeddings.latents import LatentCache
-from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.errors import ConfigError
 from sanakit.models.autoencoder import build_autoencoder
 from sanakit.models.pretrained import base_identity, load_pretrained_weights
@@ -23,6 +20,7 @@ from sanakit.models.text import build_text_encoder
 from sanakit.models.text.null_embedding import NullEmbedding
 from sanakit.models.transformer import LoadedWeights, build_transformer, load_weights
 from sanakit.train import parallel
+from sanakit.train.encoders import Encoders, build_encoders
 from sanakit.train.state import EMA, TrainState
 
 log = logging.getLogger("sanakit")
@@ -107,14 +105,6 @@ def steps_per_epoch(num_batches: int, accumulation: int) -> int:
 
 
 @dataclass
-class Encoders:
-    """Images -> latents and captions -> embeddings, each through its on-disk cache."""
-
-    latents: LatentCache
-    captions: CaptionEncoder
-
-
-@dataclass
 class Parts:
     """Everything a run is built from; ``state`` is what survives a restart."""
 
@@ -147,12 +137,8 @@ def build_parts(
 ) -> Parts:
     """Caches, data, sampler, (sharded) model, optimizer, schedule and the fresh state."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    text = models.text_encoder
-    encoders = Encoders(
-        LatentCache.from_config(cfg, models.autoencoder),
-        CaptionEncoder(text, store=TextEmbeddingCache.from_config(cfg, text)),
-    )
     dataset, buckets = build_dataset(cfg, models.autoencoder.downsample_factor)
+    encoders = build_encoders(cfg, accelerator, models, dataset)  # cold captions; release
     bs = cfg.train.train_batch_size
     sampler = ResumableSampler(len(dataset), bs, cfg.seed, rank, world, groups=buckets)
     if sampler.dropped_per_epoch:

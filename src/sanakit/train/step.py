@@ -65,7 +65,7 @@ class Stepper:
         state, pending = self.state, self.pending
         x0 = self.encoders.latents.encode(micro.pixels)  # per image: cached or encoded alone
         self.timers.lap("autoencoder")
-        embeds, mask = self.encoders.captions.encode(micro.captions)
+        embeds, mask = self.encoders.captions.encode(micro.captions, micro.found_text)
         self.timers.lap("text")
         embeds, mask, dropped = drop_captions(
             embeds,
