@@ -24,6 +24,7 @@ from sanakit.doctor.distributed import check_distributed
 from sanakit.doctor.models import check_autoencoder, check_memory, check_model, check_text_encoder
 from sanakit.doctor.null_embedding import check_null_embed_provenance, check_null_embedding
 from sanakit.doctor.paths import check_cache, check_disk, check_null_embed_root, check_work_dir
+from sanakit.doctor.precision import check_precision
 from sanakit.doctor.probe import Probe
 from sanakit.errors import SanakitError
 
@@ -40,6 +41,7 @@ CHEAP_CHECKS: tuple[CheckFn, ...] = (
     check_resume_target,
     check_checkpoint_model,
     check_distributed,
+    check_precision,
 )
 
 DOCTOR_CHECKS: tuple[CheckFn, ...] = (
@@ -56,6 +58,7 @@ DOCTOR_CHECKS: tuple[CheckFn, ...] = (
     check_checkpoint_model,
     check_null_embed_provenance,
     check_distributed,
+    check_precision,
 )
 
 
