@@ -186,6 +186,8 @@ class HeldOut:
             if k < len(self.batches) and kept:
                 losses[kept] = per_sample.to(device, torch.float64)
                 counted[kept] = 1.0
+        if self.sharded:  # FSDP leaves the root's weights gathered after a forward: re-shard,
+            model.reshard()  # so the EMA swap sees (and the next gather reads) the shards
         return losses, counted
 
     def _losses(self, model: torch.nn.Module, positions: list[int]) -> tuple[list[int], Any]:
