@@ -90,6 +90,18 @@ def test_bad_heldout_settings_are_one_line_each(tmp_path, args, message):
         config(tmp_path, *args)
 
 
+def test_preflight_refuses_an_empty_val_dir_before_any_model_loads(tmp_path):
+    from sanakit.doctor.runner import PreflightFailed, preflight
+
+    train_dir, empty = folder(tmp_path / "train", 2), tmp_path / "empty"
+    empty.mkdir()
+    args = ["--data.type=image_folder", f"--data.data_dir=[{train_dir}]", "--data.val_split=0"]
+    cfg = config(tmp_path, *args, f"--data.val_dir={empty}")
+    with pytest.raises(PreflightFailed, match="data.val_dir .*empty is missing or holds no"):
+        preflight(cfg, echo=False)
+    assert not (tmp_path / "work").exists()
+
+
 def test_both_split_and_dir_is_refused_by_the_cli(tmp_path):
     result = run_sanakit(
         "train", f"--work_dir={tmp_path}", "--data.type=image_folder",
