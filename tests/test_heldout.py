@@ -254,6 +254,8 @@ def test_steps_read_no_tensor_on_the_host_and_rows_carry_heldout_losses(trained)
     rows = [json.loads(r) for r in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "heldout_loss" in r] == [2, 4, 6]
     assert all(np.isfinite(r["heldout_loss_ema"]) for r in rows if "heldout_loss" in r)
+    sampler = json.loads((checkpoint_dir(work, 6) / "sampler_rank0.json").read_text())
+    assert sampler["num_samples"] == 32  # training draws from the 32 samples not held out
 
 
 @pytest.mark.slow
