@@ -47,6 +47,7 @@ ALL_CHECKS = [
     "base_model",
     "null_embed_provenance",
     "distributed",
+    "precision",
     "nodes",
 ]
 
@@ -287,7 +288,7 @@ def test_train_preflight_prints_doctor_lines_and_refuses_on_a_fail(work: Path, c
     assert out == [c.line() for c in checks] and all(LINE.match(ln) for ln in out)
     assert [c.name for c in checks] == [
         "work_dir", "null_embed_root", "cache", "data", "resume", "checkpoint_model",
-        "base_model", "distributed",
+        "base_model", "distributed", "precision",
     ]  # fmt: skip
     assert "sizes checked" in out[4]  # the preflight never hashes a multi-GB checkpoint
     # the same failure doctor reports stops train before any model loads, as one error line

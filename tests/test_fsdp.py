@@ -1,11 +1,14 @@
 """FSDP2 training on CPU (gloo, two ranks, one thread each): sharded, equal, resumable.
 
 Every run uses gradient accumulation 2 (so the no-gradient-sync path is exercised) and EMA
-0.9 on 48 samples: 3 optimizer steps per epoch, so 8 steps cross two epoch boundaries.
+0.9 on 48 samples: 3 optimizer steps per epoch, so 8 steps cross two epoch boundaries. 8 more
+samples are held out: the held-out loss (a sharded forward on every rank, model and EMA) runs
+at steps 3 and 6.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -28,8 +31,9 @@ from safetensors.torch import load_file
 
 from sanakit.config import packaged_config_path
 
-BASE = [*FAST, "--data.max_samples=48", "--train.ema_rate=0.9"]
+BASE = [*FAST, "--data.max_samples=56", "--train.ema_rate=0.9"]
 BASE += ["--train.gradient_accumulation_steps=2"]
+BASE += ["--data.val_split=8", "--train.eval_sampling_steps=3"]
 STEPS = 8
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
@@ -132,6 +136,23 @@ def test_two_fsdp_ranks_equal_one_process_with_the_same_global_batch(fsdp_run, s
             k: v.shape for k, v in values.items()
         }
         assert torch.equal(a["state"][index]["step"], values["step"])
+
+
+def heldout_rows(work: Path) -> dict[int, tuple[float, float]]:
+    rows = [json.loads(r) for r in (work / "metrics.jsonl").read_text().splitlines()]
+    return {
+        r["step"]: (r["heldout_loss"], r["heldout_loss_ema"]) for r in rows if "heldout_loss" in r
+    }
+
+
+@pytest.mark.slow
+def test_fsdp_heldout_loss_equals_one_process(fsdp_run, single_run):
+    """Every rank joins each sharded forward (model, then EMA swapped in shard by shard); the
+    values match one process up to the weights' all-reduce-order differences."""
+    sharded, alone = heldout_rows(fsdp_run[0]), heldout_rows(single_run)
+    assert sorted(sharded) == sorted(alone) == [3, 6]
+    for step, values in alone.items():
+        assert sharded[step] == pytest.approx(values, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -63,9 +63,8 @@ def drop_captions(
     ``draws`` are uniform [0, 1) numbers, one per sample (sample i is dropped if draws[i] < prob).
     """
     drop = draws < prob
-    if not drop.any():
-        return embeds, mask, drop
-    d = drop.to(embeds.device)
+    # no `if drop.any()` shortcut: reading a tensor on the host every step would stall a GPU
+    d = drop.to(embeds.device, non_blocking=True)
     embeds = torch.where(d[:, None, None], null_embeds.to(embeds), embeds)
     mask = torch.where(d[:, None], null_mask.to(mask), mask)
     return embeds, mask, drop
@@ -87,8 +86,9 @@ def flow_matching_loss(
     noise: torch.Tensor,
 ) -> FlowLoss:
     """MSE between the model's velocity and noise - x0 at x_t."""
-    x_t = interpolate(x0, noise, sigmas.to(x0.device))
-    timestep = sigmas.to(x0.device) * 1000.0
+    sigmas = sigmas.to(x0.device, non_blocking=True)  # a blocking copy would sync the stream
+    x_t = interpolate(x0, noise, sigmas)
+    timestep = sigmas * 1000.0
     pred = model(
         x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timestep
     ).sample

@@ -19,7 +19,7 @@ _POSITIVE = (  # counts, sizes and factors
 _NON_NEGATIVE = (
     "train.lr", "train.warmup_steps", "train.gradient_clip", "train.cfg_scale",
     "train.early_stop_hours", "train.weight_decay", "data.max_samples", "data.num_workers",
-    "scheduler.logit_std",
+    "scheduler.logit_std", "data.val_split",
 )  # fmt: skip
 _UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_rate")
 MODEL_SIZE_MAX = 65_536  # larger than any Sana layer, head or image side; beyond it shapes overflow
@@ -77,6 +77,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f'data.type={cfg.data.type} needs data.data_dir; set --data.data_dir="[DIR1,DIR2]"'
         )
+    _check_heldout(cfg)
     if not cfg.work_dir:
         raise ConfigError("work_dir is empty; set --work_dir=DIR")
     return cfg
+
+
+def _check_heldout(cfg: Config) -> None:
+    d = cfg.data
+    if d.val_split >= 1 and d.val_split != int(d.val_split):
+        raise ConfigError(
+            f"data.val_split={d.val_split:g} is neither a fraction below 1 nor a whole count; "
+            "set --data.val_split=0.05 (a fraction) or --data.val_split=200 (a count)"
+        )
+    if d.val_split and d.val_dir:
+        raise ConfigError(
+            "data.val_split and data.val_dir are both set; hold out part of the data "
+            "(--data.val_split) or give a separate folder (--data.val_dir), not both"
+        )
+    if d.val_dir and d.type == DataType.SHAPES:
+        raise ConfigError(
+            "data.val_dir needs a folder-based data.type; the built-in shapes hold out samples "
+            "with --data.val_split=N"
+        )

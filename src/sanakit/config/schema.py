@@ -79,6 +79,10 @@ class DataConfig:
     random_flip: bool = False
     max_samples: int = 0  # 0 = all; a cap for quick runs and tests
     num_workers: int | None = None  # None: 0 for shapes; files: up to 2, on cores beyond two
+    # held-out loss (train/heldout.py): a fraction in (0, 1) or a count >= 1 of the dataset,
+    # picked by the seed, or a separate folder of the same data.type; 0 / "" = none
+    val_split: float = 0.0
+    val_dir: str = ""
 
 
 @dataclass

@@ -256,8 +256,10 @@ def build_dataset(cfg: Config, downsample_factor: int = 1) -> tuple[Dataset, lis
 
 
 def set_epoch(dataset: Dataset, epoch: int) -> None:
-    """Tell the dataset (or the one under a Subset) which epoch it serves."""
-    inner = getattr(dataset, "dataset", dataset)
+    """Tell the dataset (or the one under any Subsets) which epoch it serves."""
+    inner = dataset
+    while not hasattr(inner, "set_epoch") and hasattr(inner, "dataset"):
+        inner = inner.dataset
     if hasattr(inner, "set_epoch"):
         inner.set_epoch(epoch)
 

@@ -76,6 +76,14 @@ def check_data(cfg: Config, probe: Probe) -> Check:
                 f"data root {root} holds no {cfg.data.type} samples (data.data_dir)",
                 FORMAT_HINTS.get(cfg.data.type, "fix --data.data_dir"),
             )
+    val = cfg.data.val_dir
+    if val and not looks_populated(cfg.data.type, Path(val).expanduser()):
+        return Check(
+            "data",
+            FAIL,
+            f"data.val_dir {val} is missing or holds no {cfg.data.type} samples",
+            "fix --data.val_dir, or hold out part of the data with --data.val_split",
+        )
     return Check("data", PASS, f"{len(cfg.data.data_dir)} data root(s) exist")
 
 

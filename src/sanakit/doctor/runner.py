@@ -24,6 +24,7 @@ from sanakit.doctor.distributed import check_distributed, check_nodes
 from sanakit.doctor.models import check_autoencoder, check_memory, check_model, check_text_encoder
 from sanakit.doctor.null_embedding import check_null_embed_provenance, check_null_embedding
 from sanakit.doctor.paths import check_cache, check_disk, check_null_embed_root, check_work_dir
+from sanakit.doctor.precision import check_precision
 from sanakit.doctor.pretrained import check_base_model, check_pretrained
 from sanakit.doctor.probe import Probe
 from sanakit.errors import SanakitError
@@ -42,6 +43,7 @@ CHEAP_CHECKS: tuple[CheckFn, ...] = (
     check_checkpoint_model,
     check_base_model,
     check_distributed,
+    check_precision,
 )
 
 DOCTOR_CHECKS: tuple[CheckFn, ...] = (
@@ -60,6 +62,7 @@ DOCTOR_CHECKS: tuple[CheckFn, ...] = (
     check_base_model,
     check_null_embed_provenance,
     check_distributed,
+    check_precision,
     check_nodes,  # a collective under a launch: every rank runs it, last
 )
 

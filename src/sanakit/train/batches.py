@@ -44,9 +44,9 @@ class GlobalDraws:
     drop_draws: torch.Tensor
 
     def share(self, positions: torch.Tensor, device: torch.device) -> GlobalDraws:
-        return GlobalDraws(
-            self.sigmas[positions], self.noise[positions].to(device), self.drop_draws[positions]
-        )
+        # non_blocking: a blocking host-to-GPU copy waits for the queued work (a sync per step)
+        noise = self.noise[positions].to(device, non_blocking=True)
+        return GlobalDraws(self.sigmas[positions], noise, self.drop_draws[positions])
 
 
 def draw_global(

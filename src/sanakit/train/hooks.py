@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
@@ -63,8 +64,14 @@ class MetricsFile:
                     break  # a torn last line from a kill
             atomic_write_text(path, "".join(k + "\n" for k in kept))
 
-    def append(self, step: int, window: list[torch.Tensor]) -> list[float]:
-        """Write the window's losses (steps ``step-len+1 .. step``); the one host sync."""
+    def append(
+        self, step: int, window: list[torch.Tensor], extras: dict[int, dict] | None = None
+    ) -> list[float]:
+        """Write the window's losses (steps ``step-len+1 .. step``); the one host sync.
+
+        ``extras`` adds fields to some steps' rows (the held-out losses of an evaluation step):
+        every row keeps ``step`` and ``loss``, so readers of the loss curve are unaffected.
+        """
         if not window:
             return []
         stacked = torch.stack(window).float()
@@ -75,7 +82,8 @@ class MetricsFile:
             first = step - len(losses) + 1
             with self.path.open("a") as f:
                 for i, value in enumerate(losses):
-                    f.write(json.dumps({"step": first + i, "loss": value}) + "\n")
+                    row = {"step": first + i, "loss": value, **(extras or {}).get(first + i, {})}
+                    f.write(json.dumps(row) + "\n")
         return losses
 
 
@@ -96,14 +104,17 @@ class Metrics:
         self.writer = make_writer(cfg, work_dir) if is_main else None
         self.timers = Timers()
         self.window: list[torch.Tensor] = []  # per-step losses, flushed at log time
+        self.extras: dict[int, dict] = {}  # more fields for some steps' rows (held-out losses)
         self.per_sigma: list[tuple[torch.Tensor, torch.Tensor]] = []  # binned at log time
         self.dropped = self.seen = 0
         self.progress = tqdm(
             total=cfg.train.max_steps, initial=state.step, disable=not is_main, dynamic_ncols=True
         )
 
-    def record(self, outcome: StepOutcome) -> None:
+    def record(self, outcome: StepOutcome, extra: dict | None = None) -> None:
         self.window.append(outcome.loss)
+        if extra:
+            self.extras[self.state.step] = extra
         self.per_sigma.extend(outcome.per_sigma)
         self.dropped, self.seen = self.dropped + outcome.dropped, self.seen + outcome.seen
         self.progress.update(1)
@@ -113,8 +124,8 @@ class Metrics:
 
     def flush(self) -> list[float]:
         """Write pending losses; stop the run if one is not finite (nothing poisoned is saved)."""
-        losses = self.file.append(self.state.step, self.window)
-        self.window = []
+        losses = self.file.append(self.state.step, self.window, self.extras)
+        self.window, self.extras = [], {}
         bad = next((v for v in losses if not math.isfinite(v)), None)
         if bad is not None:
             first = self.state.step - len(losses) + 1 + losses.index(bad)
@@ -130,7 +141,7 @@ class Metrics:
             return
         state, split = self.state, self.timers.pop()
         lr = state.lr_scheduler.get_last_lr()[0]
-        dropout = self.dropped / max(1, self.seen)
+        dropout = float(self.dropped) / max(1, self.seen)
         self.progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
         if self.writer is not None:
             log_scalars(self.writer, state.step, losses, grad_norm, lr, dropout, split)
@@ -339,6 +350,7 @@ class StopPolicy:
         self.reason = ""
         self.now = False  # agreed by all ranks
         self.previous: dict = {}
+        self.group = host_group() if accelerator.num_processes > 1 else None
 
     def __enter__(self) -> StopPolicy:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -360,7 +372,16 @@ class StopPolicy:
         mine = bool(self.reason)
         if self.accelerator.num_processes == 1:
             self.now = mine
-        else:
-            flag = torch.tensor([1.0 if mine else 0.0], device=self.accelerator.device)
-            self.now = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        else:  # on the host: reading a GPU tensor back every step would stall the device
+            flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
+            dist.all_reduce(flag, group=self.group)
+            self.now = bool(flag.item() > 0)
         return self.now
+
+
+def host_group() -> Any:
+    """A process group for small host-side agreements: the default one when it is gloo (CPU
+    runs), else a gloo group over the same ranks (made once, by every rank, at start-up)."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")

@@ -25,6 +25,7 @@ from sanakit.io.run_dir import is_fresh_start, prepare_fresh_start
 from sanakit.models.text.null_embedding import check_matches_checkpoint
 from sanakit.train.batches import EpochBatches
 from sanakit.train.components import accelerate_precision, build_models, build_parts
+from sanakit.train.heldout import HeldOut
 from sanakit.train.hooks import Checkpointer, Metrics, StopPolicy, Validation
 from sanakit.train.nodes import Launch
 from sanakit.train.sharded import check_checkpoint_format
@@ -85,6 +86,7 @@ def train(cfg: Config) -> RunResult:
                 keep_per_sigma=metrics.writer is not None,
             )  # fmt: skip
             validation = Validation(cfg, accelerator, parts, parts.sharded, metrics.writer)
+            heldout = HeldOut(cfg, accelerator, parts, state, metrics.writer)
             checkpointer = Checkpointer(cfg, accelerator, state.step if resume_dir else -1)
             finished = state.step >= cfg.train.max_steps
             while not (finished or stop.now):
@@ -93,7 +95,7 @@ def train(cfg: Config) -> RunResult:
                     outcome = stepper.add(micro)
                     if outcome is None:  # accumulating gradients over micro-batches
                         continue
-                    metrics.record(outcome)
+                    metrics.record(outcome, heldout.maybe_run(state))  # held-out losses: same row
                     validation.maybe_run(state)
                     stop.check()  # a signal or the wall-clock budget, agreed by every rank
                     finished = state.step >= cfg.train.max_steps

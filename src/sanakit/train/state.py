@@ -64,6 +64,7 @@ from sanakit.train.parallel import (
 from sanakit.train.sharded import load_shards
 
 log = logging.getLogger("sanakit")
+RESTORED_EXTRAS = ("heldout",)  # keys of ``TrainState.extra`` a resume reads back
 
 __all__ = [
     "CONFIG_FILE",
@@ -248,6 +249,8 @@ class TrainState:
                 self.world_size,
                 saved_world,
             )
+        # hooks' own small state (train/heldout.py checks it when it reads it)
+        self.extra = {k: trainer[k] for k in RESTORED_EXTRAS if k in trainer}
         self.step = int(trainer["step"])
 
     def _load_full(self, files: ListedFiles) -> None:

@@ -31,7 +31,7 @@ class StepOutcome:
     loss: torch.Tensor  # mean loss of the step's micro-batches
     grad_norm: torch.Tensor
     per_sigma: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    dropped: int = 0  # captions swapped for the null embedding in this step
+    dropped: torch.Tensor | int = 0  # captions swapped for the null embedding (host tensor)
     seen: int = 0
 
 
@@ -75,7 +75,7 @@ class Stepper:
             self.cfg.model.class_dropout_prob,
             draws=micro.drop_draws,
         )
-        pending.dropped += int(dropped.sum())
+        pending.dropped += dropped.sum()  # read on the host at log time only
         pending.seen += len(dropped)
         last = self.micro == self.accum - 1
         # between optimizer steps, skip the gradient all-reduce/reduce-scatter (DDP/FSDP)
