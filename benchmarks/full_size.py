@@ -362,7 +362,8 @@ def phase_train(root: Path, quick: bool, checkpointing: bool) -> dict:
             autoencoder=models.autoencoder,
             transformer=models.transformer,
         )
-        built["estimate"] = estimate_train_memory(cfg, probe)
+        built["estimate"] = estimate_train_memory(cfg, probe, released=True)
+        built["estimate_kept"] = estimate_train_memory(cfg, probe, released=False)[0]
         built["encoder_bytes"] = module_bytes(models.text_encoder) + module_bytes(
             models.autoencoder
         )
@@ -406,11 +407,13 @@ def phase_train(root: Path, quick: bool, checkpointing: bool) -> dict:
         "s_per_step": sum(times) / len(times) if times else None,
         "estimate_bytes": need,
         "estimate_parts": parts,
+        "estimate_if_encoders_kept_bytes": built["estimate_kept"],
         "encoder_bytes": built["encoder_bytes"],
         "freed_bytes": built["freed_bytes"],
         "released_by": "train.release_encoders" if native_release else "this script",
         "peak_bytes": dict(rss.peaks),
         "checkpoints_skipped": saves,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
 
 
@@ -463,8 +466,9 @@ def dry_plan(quick: bool) -> dict:
             autoencoder=SimpleNamespace(module=vae, downsample_factor=factor),
             transformer=transformer,
         )
-        need, parts = estimate_train_memory(cfg, probe)
-        out[name] = {"bytes": need, "parts": parts}
+        need, parts = estimate_train_memory(cfg, probe, released=True)
+        kept = estimate_train_memory(cfg, probe, released=False)[0]
+        out[name] = {"bytes": need, "parts": parts, "if_encoders_kept_bytes": kept}
     out["params"] = {
         "gemma": sum(p.numel() for p in gemma.parameters()),
         "dcae": sum(p.numel() for p in vae.parameters()),
@@ -480,7 +484,7 @@ def dry_plan(quick: bool) -> dict:
 def summarize(phases: dict) -> dict:
     train, ckpt = phases["train"], phases["train_checkpointing"]
     peaks = {name: p["ru_maxrss_bytes"] for name, p in phases.items()}
-    return {
+    out = {
         "s_per_step": round(train["s_per_step"], 3),
         "s_per_step_checkpointing": round(ckpt["s_per_step"], 3),
         "peak_rss_gb": round(max(peaks.values()) / GB, 3),
@@ -492,6 +496,10 @@ def summarize(phases: dict) -> dict:
         "encoders_freed_gb": round(train["freed_bytes"] / GB, 3),
         "released_by": train["released_by"],
     }
+    if train["cuda_peak_bytes"] is not None:  # training's peak GPU memory (torch allocator)
+        out["peak_gpu_gb"] = round(train["cuda_peak_bytes"] / GB, 3)
+        out["peak_gpu_gb_checkpointing"] = round(ckpt["cuda_peak_bytes"] / GB, 3)
+    return out
 
 
 def gigabytes(values: dict) -> dict:
@@ -556,6 +564,8 @@ def full_run(opts: argparse.Namespace) -> dict:
         summary = summarize(phases)
         report(phases, summary)
     summary["quick"] = opts.quick
+    if opts.quick:  # the full-size plan too: parameter counts and doctor's estimates (meta)
+        summary["full_size_plan"] = dry_plan(quick=False)
     summary["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
         summary["gpu"] = torch.cuda.get_device_name(0)

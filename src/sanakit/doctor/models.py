@@ -101,21 +101,40 @@ def frozen_bytes(cfg: Config, probe: Probe) -> int:
     return params(enc) * torch.finfo(enc_dtype).bits // 8 + params(probe.autoencoder) * 4
 
 
-def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
-    """Rough bytes for one training process, and the parts in words.
+# Resident memory of a CPU training process before any model: the Python runtime with torch,
+# diffusers, transformers and accelerate imported (0.42 GB measured, torch 2.13 CPU).
+CPU_RUNTIME_BYTES = 450 * 1024**2
+
+
+def encoders_released(cfg: Config) -> bool:
+    """Whether training frees the encoders before its first step (``train.release_encoders``,
+    where this tree has it; the caches then hold everything the steps need)."""
+    return bool(getattr(cfg.train, "release_encoders", False))
+
+
+def estimate_train_memory(
+    cfg: Config, probe: Probe, released: bool | None = None
+) -> tuple[int, str]:
+    """Rough peak bytes for one training process, and the parts in words.
 
     fp32 master weights + grads (8 B/param), optimizer moments (AdamW 8 B/param, CAME ~4), the
     fp32 EMA (4), the frozen encoders at their dtype, and activations: per layer and token about
     (26 + 5 * mlp_ratio) * hidden values kept for backward, in bf16 or fp32 (calibrated on CPU
     fp32 with autograd's saved-tensor hooks: 38-39 at mlp_ratio 2.5 for hidden 128 and 256,
     4 and 8 layers); with gradient checkpointing only each layer's input plus one layer's worth.
+    On the CPU, plus the runtime (``CPU_RUNTIME_BYTES``). When the encoders are ``released``
+    (default: ``encoders_released(cfg)``) the peak is the larger of start-up (encoders, model
+    and EMA) and the steps (no encoders): checked against a real Sana-600M process by
+    ``benchmarks/full_size.py``.
     """
     m, t = cfg.model, cfg.train
+    released = encoders_released(cfg) if released is None else released
     n = sum(p.numel() for p in probe.transformer.parameters())
     moments = 8 if t.optimizer == "adamw" else 4
     weights = n * (8 + moments + 4)
     frozen = frozen_bytes(cfg, probe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
     act_bytes = 2 if autocast_dtype(cfg, device) == torch.bfloat16 else 4
     side = m.image_size // probe.autoencoder.downsample_factor // m.patch_size
     hidden = m.num_attention_heads * m.attention_head_dim
@@ -125,12 +144,18 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
         acts = int(per_layer * (m.num_layers + width))
     else:
         acts = int(per_layer * m.num_layers * width)
+    if released:  # start-up holds the encoders with the model and its EMA (8 B/param)
+        need = runtime + max(frozen + n * 8, weights + acts)
+    else:
+        need = runtime + weights + frozen + acts
     parts = (
-        f"model+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}, "
+        f"model+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}"
+        f"{' (released before the first step)' if released else ''}, "
         f"activations ~{human_bytes(acts)} ({'bf16' if act_bytes == 2 else 'fp32'}, batch "
         f"{t.train_batch_size}{', checkpointed' if m.gradient_checkpointing else ''})"
+        f"{f', runtime {human_bytes(runtime)}' if runtime else ''}"
     )
-    return weights + frozen + acts, parts
+    return need, parts
 
 
 def available_memory() -> tuple[int, str]:
