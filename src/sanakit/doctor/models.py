@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -112,12 +114,27 @@ def encoders_released(cfg: Config) -> bool:
     return bool(getattr(cfg.train, "release_encoders", False))
 
 
+def optimizer_state_bytes(optimizer: str, parameters: Iterable[torch.nn.Parameter]) -> int:
+    """fp32 optimizer state: AdamW keeps two moments (8 B/param). CAME keeps a first moment and,
+    for a tensor of 2+ dims, row and column factors of its two last dims twice (squared grads
+    and residuals): tiny for a matrix, but as large as the tensor for a 1x1 conv ``[o, i, 1, 1]``
+    (row factor ``[o, i, 1]``), which is half of Sana's Mix-FFN: 2.9 floats/param on Sana-600M."""
+    total = 0
+    for p in parameters:
+        shape = tuple(p.shape)
+        if optimizer == "adamw" or len(shape) < 2:
+            total += 2 * p.numel()
+        else:
+            total += p.numel() + 2 * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]))
+    return total * 4
+
+
 def estimate_train_memory(
     cfg: Config, probe: Probe, released: bool | None = None
 ) -> tuple[int, str]:
     """Rough peak bytes for one training process, and the parts in words.
 
-    fp32 master weights + grads (8 B/param), optimizer moments (AdamW 8 B/param, CAME ~4), the
+    fp32 master weights + grads (8 B/param), the optimizer state (``optimizer_state_bytes``), the
     fp32 EMA (4), the frozen encoders at their dtype, and activations: per layer and token about
     (26 + 5 * mlp_ratio) * hidden values kept for backward, in bf16 or fp32 (calibrated on CPU
     fp32 with autograd's saved-tensor hooks: 38-39 at mlp_ratio 2.5 for hidden 128 and 256,
@@ -130,8 +147,7 @@ def estimate_train_memory(
     m, t = cfg.model, cfg.train
     released = encoders_released(cfg) if released is None else released
     n = sum(p.numel() for p in probe.transformer.parameters())
-    moments = 8 if t.optimizer == "adamw" else 4
-    weights = n * (8 + moments + 4)
+    weights = n * (8 + 4) + optimizer_state_bytes(t.optimizer, probe.transformer.parameters())
     frozen = frozen_bytes(cfg, probe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
