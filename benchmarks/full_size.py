@@ -1,6 +1,6 @@
 """The real Sana-600M size on this machine: cache build, encoders released, training steps.
 
-    .venv/bin/python benchmarks/full_size.py            # full size; about 15 GB of RAM, ~15 min
+    .venv/bin/python benchmarks/full_size.py            # 14.8 GiB peak RSS; 68 min, 2 busy cores
     .venv/bin/python benchmarks/full_size.py --quick    # the same phases on tiny models (~10 s)
     .venv/bin/python benchmarks/full_size.py --dry      # the plan and doctor's estimate only
 
@@ -15,7 +15,7 @@ at 512 px. Phases, each in its own process so each phase's peak RSS is its own `
               checkpointing off, then again with it on. The encoders are released once the
               caches cover the data (``train.release_encoders`` when this tree has it, else this
               script moves them to the meta device after the parts are built); the final
-              checkpoint (model + EMA + optimizer, ~7 GB) is not written.
+              checkpoint (model + EMA + CAME state, ~11 GB) is not written.
 
 Prints a table, then one JSON line: ``s_per_step``, ``s_per_step_checkpointing``,
 ``peak_rss_gb`` (the largest phase peak), ``estimate_vs_measured`` (doctor's estimate over the
@@ -383,7 +383,7 @@ def phase_train(root: Path, quick: bool, checkpointing: bool) -> dict:
     saves = []
     loop.build_parts = build_parts_then_release
     original_save = hooks.Checkpointer.save
-    # a Sana-600M checkpoint is ~7 GB of writes that says nothing about the step
+    # a Sana-600M checkpoint is ~11 GB of writes that says nothing about the step
     hooks.Checkpointer.save = lambda self, state: saves.append(state.step) or True
     handlers = list(log.handlers)
     t0 = time.perf_counter()
