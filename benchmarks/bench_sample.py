@@ -151,7 +151,8 @@ def bench_compiled(ours, run_ours, trials: int) -> dict:
 
 def cold_sample(work: Path, batch: int, out_dir: Path) -> dict:
     """``sanakit sample`` in a fresh process, from process start to the PNG on disk, split by
-    ``cold_sample.py`` into imports, model loading and sampling; plus that process's peak RSS."""
+    ``cold_sample.py`` into imports, model loading and sampling; plus that process's peak RSS
+    (its own VmHWM)."""
     out = out_dir / "cold.png"
     cmd = [
         sys.executable,
@@ -164,14 +165,10 @@ def cold_sample(work: Path, batch: int, out_dir: Path) -> dict:
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
-    proc.stdout.close()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0 or not out.exists():
-        raise SystemExit(f"sanakit sample failed:\n{stderr[-2000:]}")
-    marks = json.loads(stdout.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0 or not out.exists():
+        raise SystemExit(f"sanakit sample failed:\n{done.stderr[-2000:]}")
+    marks = json.loads(done.stdout.strip().splitlines()[-1])
     png = out.stat().st_mtime
     return {
         "imports_s": marks["imports_done"] - start,
@@ -179,7 +176,7 @@ def cold_sample(work: Path, batch: int, out_dir: Path) -> dict:
         "sample_s": marks["sampled"] - marks["loaded"],
         "to_png_s": png - start,
         "process_s": time.time() - start,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_bytes": marks["peak_rss_bytes"],
         "images": batch,
     }
 
@@ -188,8 +185,7 @@ def train_process_rss(root: Path, steps: int = 20) -> dict:
     """Peak RSS of a real ``sanakit train`` process on the default config (``steps`` steps)."""
     cmd = [
         sys.executable,
-        "-m",
-        "sanakit",
+        str(HERE / "cold_sample.py"),  # reports the process's own peak (VmHWM)
         "train",
         f"--work_dir={root / 'rss_train'}",
         f"--train.max_steps={steps}",
@@ -198,10 +194,8 @@ def train_process_rss(root: Path, steps: int = 20) -> dict:
         "--report_to=none",
     ]
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stderr = proc.stderr.read().decode()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"sanakit train failed:\n{stderr[-2000:]}")
-    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "steps": steps, "s": time.time() - start}
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"sanakit train failed:\n{done.stderr[-2000:]}")
+    marks = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"peak_rss_bytes": marks["peak_rss_bytes"], "steps": steps, "s": time.time() - start}

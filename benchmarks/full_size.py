@@ -302,8 +302,13 @@ class PeakRSS:
 
 
 def ru_maxrss() -> int:
-    """This process's peak resident set in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's own peak resident set in bytes: VmHWM on Linux (``ru_maxrss`` carries the
+    parent's RSS at fork across ``execve``; the two agree once a phase outgrows its parent)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB elsewhere
 
 
 def module_bytes(obj: object) -> int:
