@@ -89,6 +89,8 @@ def flow_matching_loss(
     sigmas = sigmas.to(x0.device, non_blocking=True)  # a blocking copy would sync the stream
     x_t = interpolate(x0, noise, sigmas)
     timestep = sigmas * 1000.0
+    # a bf16 text encoder (or its cache) feeding an fp32 model outside autocast: compute in fp32
+    embeds = embeds.to(x_t.dtype)
     pred = model(
         x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timestep
     ).sample

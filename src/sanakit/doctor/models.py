@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -101,21 +103,54 @@ def frozen_bytes(cfg: Config, probe: Probe) -> int:
     return params(enc) * torch.finfo(enc_dtype).bits // 8 + params(probe.autoencoder) * 4
 
 
-def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
-    """Rough bytes for one training process, and the parts in words.
+# Resident memory of a CPU training process before any model: the Python runtime with torch,
+# diffusers, transformers and accelerate imported (0.42 GB measured, torch 2.13 CPU).
+CPU_RUNTIME_BYTES = 450 * 1024**2
 
-    fp32 master weights + grads (8 B/param), optimizer moments (AdamW 8 B/param, CAME ~4), the
+
+def encoders_released(cfg: Config) -> bool:
+    """Whether training frees the encoders before its first step (``train.release_encoders``,
+    where this tree has it; the caches then hold everything the steps need)."""
+    return bool(getattr(cfg.train, "release_encoders", False))
+
+
+def optimizer_state_bytes(optimizer: str, parameters: Iterable[torch.nn.Parameter]) -> int:
+    """fp32 optimizer state: AdamW keeps two moments (8 B/param). CAME keeps a first moment and,
+    for a tensor of 2+ dims, row and column factors of its two last dims twice (squared grads
+    and residuals): tiny for a matrix, but as large as the tensor for a 1x1 conv ``[o, i, 1, 1]``
+    (row factor ``[o, i, 1]``), which is half of Sana's Mix-FFN: 2.9 floats/param on Sana-600M."""
+    total = 0
+    for p in parameters:
+        shape = tuple(p.shape)
+        if optimizer == "adamw" or len(shape) < 2:
+            total += 2 * p.numel()
+        else:
+            total += p.numel() + 2 * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]))
+    return total * 4
+
+
+def estimate_train_memory(
+    cfg: Config, probe: Probe, released: bool | None = None
+) -> tuple[int, str]:
+    """Rough peak bytes for one training process, and the parts in words.
+
+    fp32 master weights + grads (8 B/param), the optimizer state (``optimizer_state_bytes``), the
     fp32 EMA (4), the frozen encoders at their dtype, and activations: per layer and token about
     (26 + 5 * mlp_ratio) * hidden values kept for backward, in bf16 or fp32 (calibrated on CPU
     fp32 with autograd's saved-tensor hooks: 38-39 at mlp_ratio 2.5 for hidden 128 and 256,
     4 and 8 layers); with gradient checkpointing only each layer's input plus one layer's worth.
+    On the CPU, plus the runtime (``CPU_RUNTIME_BYTES``). When the encoders are ``released``
+    (default: ``encoders_released(cfg)``) the peak is the larger of start-up (encoders, model
+    and EMA) and the steps (no encoders): checked against a real Sana-600M process by
+    ``benchmarks/full_size.py``.
     """
     m, t = cfg.model, cfg.train
+    released = encoders_released(cfg) if released is None else released
     n = sum(p.numel() for p in probe.transformer.parameters())
-    moments = 8 if t.optimizer == "adamw" else 4
-    weights = n * (8 + moments + 4)
+    weights = n * (8 + 4) + optimizer_state_bytes(t.optimizer, probe.transformer.parameters())
     frozen = frozen_bytes(cfg, probe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
     act_bytes = 2 if autocast_dtype(cfg, device) == torch.bfloat16 else 4
     side = m.image_size // probe.autoencoder.downsample_factor // m.patch_size
     hidden = m.num_attention_heads * m.attention_head_dim
@@ -125,12 +160,18 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
         acts = int(per_layer * (m.num_layers + width))
     else:
         acts = int(per_layer * m.num_layers * width)
+    if released:  # start-up holds the encoders with the model and its EMA (8 B/param)
+        need = runtime + max(frozen + n * 8, weights + acts)
+    else:
+        need = runtime + weights + frozen + acts
     parts = (
-        f"model+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}, "
+        f"model+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}"
+        f"{' (released before the first step)' if released else ''}, "
         f"activations ~{human_bytes(acts)} ({'bf16' if act_bytes == 2 else 'fp32'}, batch "
         f"{t.train_batch_size}{', checkpointed' if m.gradient_checkpointing else ''})"
+        f"{f', runtime {human_bytes(runtime)}' if runtime else ''}"
     )
-    return weights + frozen + acts, parts
+    return need, parts
 
 
 def available_memory() -> tuple[int, str]:
