@@ -15,12 +15,14 @@ from sanakit.config.loading import (
 )
 from sanakit.config.schema import (
     LEGACY_KEYS,
+    LORA_TARGETS,
     SEED_MAX,
     CacheMode,
     Config,
     DataConfig,
     DataType,
     EncoderDtype,
+    LoraConfig,
     MixedPrecision,
     ModelConfig,
     Optimizer,
@@ -47,6 +49,8 @@ __all__ = [
     "DataType",
     "EncoderDtype",
     "LEGACY_KEYS",
+    "LORA_TARGETS",
+    "LoraConfig",
     "MODEL_SIZE_MAX",
     "MixedPrecision",
     "ModelConfig",

@@ -67,6 +67,10 @@ class TextEncoderConfig:
     dtype: EncoderDtype = EncoderDtype.AUTO
 
 
+# the built-in shapes dataset's hues (data/shapes.py draws them in this order)
+SHAPES_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
+
+
 @dataclass
 class DataConfig:
     type: DataType = DataType.SHAPES
@@ -75,6 +79,7 @@ class DataConfig:
     random_flip: bool = False
     max_samples: int = 0  # 0 = all; a cap for quick runs and tests
     num_workers: int = 0
+    exclude_colors: list[str] = field(default_factory=list)  # shapes: hues never drawn
 
 
 @dataclass
@@ -118,6 +123,19 @@ class TrainConfig:
     overwrite_run: bool = False  # resume_from=none over checkpoints: move the old run aside
 
 
+# diffusers' Sana LoRA script targets the attention projections; the Mix-FFN's two pointwise convs
+# are the feed-forward layers (the depthwise conv is left out: a grouped 3x3 conv, few params)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning (no adapter)
+    alpha: float = 0.0  # 0 = rank (scale alpha / rank = 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class Config:
     work_dir: str = "work/shapes"
@@ -133,6 +151,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def packaged_config_path(name: str = "default") -> Path:

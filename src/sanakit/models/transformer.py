@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
+from sanakit.io.checkpoint import resolve_checkpoint
 
 
 def transformer_kwargs(cfg: Config, in_channels: int, caption_channels: int, factor: int) -> dict:
@@ -42,12 +43,12 @@ def build_transformer(
     return model
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> str:
-    """Load weights only (fine-tuning) from a sanakit checkpoint dir or a diffusers folder.
-
-    Returns a short description of what was loaded. Shapes must match exactly.
-    """
+def find_weights(path: str | Path) -> Path:
+    """The weights file ``load_from`` names: a .safetensors file, a sanakit checkpoint or work
+    dir (its newest checkpoint), a diffusers transformer folder or a pipeline folder."""
     path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = resolve_checkpoint(path)
     candidates = [
         path / "model.safetensors",  # a sanakit checkpoint
         path / "diffusion_pytorch_model.safetensors",  # a diffusers transformer folder
@@ -61,6 +62,15 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
             f"load_from={path} holds no model.safetensors or diffusers transformer weights; "
             "point it at a sanakit checkpoint or a diffusers Sana transformer folder"
         )
+    return found
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Load weights only (fine-tuning) from a sanakit checkpoint dir or a diffusers folder.
+
+    Returns a short description of what was loaded. Shapes must match exactly.
+    """
+    found = find_weights(path)
     try:
         state = load_file(str(found))
     except Exception as err:  # safetensors raises several types for corrupt files

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from sanakit.config import Config, to_yaml
+from sanakit.config import Config, LoraConfig, to_yaml
 from sanakit.data.dataset import build_dataset
 from sanakit.data.sampler import ResumableSampler
 from sanakit.embeddings.captions import CaptionEncoder
@@ -18,6 +18,8 @@ from sanakit.embeddings.latents import LatentCache
 from sanakit.embeddings.text import TextEmbeddingCache
 from sanakit.errors import ConfigError
 from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.base_identity import identify_base
+from sanakit.models.lora import add_lora, lora_alpha
 from sanakit.models.text import build_text_encoder
 from sanakit.models.text.null_embedding import NullEmbedding
 from sanakit.models.transformer import build_transformer, load_weights
@@ -96,8 +98,9 @@ def latent_shape(cfg: Config, autoencoder: Any) -> tuple[int, int, int]:
 
 
 def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
-    """Model + EMA (fp32) + AdamW moments (2x fp32), plus slack for small files."""
-    n = sum(p.numel() for p in model.parameters())
+    """Model + EMA (fp32) + AdamW moments (2x fp32) of the trained parameters (a LoRA run
+    saves its adapter only), plus slack for small files."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return int(n * 4 * 4 + 1_000_000)
 
 
@@ -129,6 +132,32 @@ class Parts:
         return self.models.autoencoder
 
 
+def add_adapter(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the base named by load_from, freeze it and add the LoRA adapter; returns what
+    trainer_state.json records (the base's identity, the adapter's settings)."""
+    base = identify_base(cfg.load_from)
+    load_weights(model, base.path)
+    torch.manual_seed(cfg.seed)  # reproducible adapter initialisation
+    trainable = add_lora(model, cfg.lora)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA rank %d on base %s (fingerprint %s): %d of %d parameters trainable (%.2f%%)",
+        cfg.lora.rank, base.path, base.fingerprint[:16], trainable, total,
+        100 * trainable / total,
+    )  # fmt: skip
+    return {"base_model": base.to_dict(), "lora": lora_record(cfg.lora)}
+
+
+def lora_record(lora: LoraConfig) -> dict[str, Any]:
+    """The adapter's settings as a checkpoint records them."""
+    return {
+        "rank": lora.rank,
+        "alpha": lora_alpha(lora),
+        "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+    }
+
+
 def build_parts(
     cfg: Config, accelerator: Any, models: Models, null: NullEmbedding, resuming: bool
 ) -> Parts:
@@ -147,7 +176,10 @@ def build_parts(
             "%d samples per epoch do not fill a batch for every rank", sampler.dropped_per_epoch
         )
     model = models.transformer
-    if cfg.load_from and not resuming:
+    extra: dict[str, Any] = {}
+    if cfg.lora.rank:  # the frozen base is loaded whether or not the run resumes
+        extra = add_adapter(cfg, model)
+    elif cfg.load_from and not resuming:
         log.info("loaded weights from %s", load_weights(model, cfg.load_from))
     sharded = parallel.use_fsdp(cfg, world)
     if sharded:  # in place, before the optimizer and the EMA take the (now sharded) parameters
@@ -164,5 +196,7 @@ def build_parts(
         config_yaml=to_yaml(cfg),
         rank=rank,
         world_size=world,
+        extra=extra,
+        adapter_only=bool(cfg.lora.rank),
     )
     return Parts(models, encoders, dataset, state, sharded, latent_shape(cfg, models.autoencoder))
