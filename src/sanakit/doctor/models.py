@@ -10,6 +10,7 @@ import torch
 from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, WARN, Check, env_int
 from sanakit.doctor.probe import Probe
+from sanakit.models.lora import lora_parameter_count
 from sanakit.models.text.base import resolve_dtype
 from sanakit.train.components import autocast_dtype
 from sanakit.units import human_bytes
@@ -105,7 +106,8 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
     """Rough bytes for one training process, and the parts in words.
 
     fp32 master weights + grads (8 B/param), optimizer moments (AdamW 8 B/param, CAME ~4), the
-    fp32 EMA (4), the frozen encoders at their dtype, and activations: per layer and token about
+    fp32 EMA (4) -- with LoRA only the adapter has grads, moments and EMA, the base 4 B/param --
+    the frozen encoders at their dtype, and activations: per layer and token about
     (26 + 5 * mlp_ratio) * hidden values kept for backward, in bf16 or fp32 (calibrated on CPU
     fp32 with autograd's saved-tensor hooks: 38-39 at mlp_ratio 2.5 for hidden 128 and 256,
     4 and 8 layers); with gradient checkpointing only each layer's input plus one layer's worth.
@@ -114,6 +116,11 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
     n = sum(p.numel() for p in probe.transformer.parameters())
     moments = 8 if t.optimizer == "adamw" else 4
     weights = n * (8 + moments + 4)
+    trained = "model"
+    if cfg.lora.rank:  # the base is frozen (fp32, no grads/moments/EMA); the adapter trains
+        adapter = lora_parameter_count(probe.transformer, cfg.lora)
+        weights = n * 4 + adapter * (8 + moments + 4)
+        trained = f"frozen base + LoRA rank {cfg.lora.rank} ({adapter / 1e6:.2f}M params)"
     frozen = frozen_bytes(cfg, probe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     act_bytes = 2 if autocast_dtype(cfg, device) == torch.bfloat16 else 4
@@ -126,7 +133,8 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
     else:
         acts = int(per_layer * m.num_layers * width)
     parts = (
-        f"model+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}, "
+        f"{trained}+grads+{t.optimizer}+EMA {human_bytes(weights)}, "
+        f"encoders {human_bytes(frozen)}, "
         f"activations ~{human_bytes(acts)} ({'bf16' if act_bytes == 2 else 'fp32'}, batch "
         f"{t.train_batch_size}{', checkpointed' if m.gradient_checkpointing else ''})"
     )

@@ -49,6 +49,21 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
             )
 
 
+def lora_parameter_count(model: torch.nn.Module, lora: LoraConfig) -> int:
+    """The parameters :func:`add_lora` would add to ``model``, without adding them (doctor,
+    benchmarks): peft's A (in -> r, the layer's kernel) and B (r -> out, 1x1) per target."""
+    total = 0
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in lora.target_modules):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            total += lora.rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total += lora.rank * (module.in_channels * kernel + module.out_channels)
+    return total
+
+
 def peft_config(lora: LoraConfig) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=lora.rank,
