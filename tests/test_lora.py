@@ -32,7 +32,7 @@ from sanakit.config import load_config
 from sanakit.errors import ConfigError
 from sanakit.io.checkpoint import verify_checkpoint
 from sanakit.models.base_identity import identify_base
-from sanakit.models.lora import add_lora, is_adapter_key
+from sanakit.models.lora import add_lora, is_adapter_key, lora_parameter_count
 from sanakit.models.tiny import make_tiny_autoencoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,9 @@ def test_config_checks_and_targets_name_what_exists() -> None:
     with pytest.raises(ConfigError, match="matches no layer.*to_q, to_k, to_v, to_out.0"):
         add_lora(model, cfg.lora.__class__(rank=2, target_modules=["to_qq"]))
     total = sum(p.numel() for p in model.parameters())
+    counted = lora_parameter_count(model, cfg.lora)  # what doctor and the benchmark use
     trainable = add_lora(model, cfg.lora)
+    assert counted == trainable
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(is_adapter_key(n) for n in names)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
@@ -103,6 +105,13 @@ def test_config_checks_and_targets_name_what_exists() -> None:
     for target in ("attn1.to_q", "attn2.to_out.0", "ff.conv_inverted", "ff.conv_point"):
         assert any(f"{target}.lora_A" in n for n in names), target
     assert 0 < trainable < total / 5
+
+
+def test_cli_option_errors_are_one_line(tmp_path) -> None:
+    both = run_sanakit("export", str(tmp_path), str(tmp_path / "o"), "--lora", "--merge")
+    assert "--lora and --merge" in the_error_line(both)
+    scale = run_sanakit("sample", f"--checkpoint={tmp_path}", "--prompt=a", "--lora_scale=nan")
+    assert "--lora_scale" in the_error_line(scale)
 
 
 def test_shapes_exclude_colors_never_draws_them() -> None:
@@ -185,14 +194,14 @@ def other_base(runs: dict[str, Path]) -> Path:
 
 @pytest.mark.slow
 def test_another_base_at_sample_or_resume_is_one_line(runs, lora_run, tmp_path) -> None:
+    from sanakit.inference import load_for_inference
+    from sanakit.models.base_identity import BaseMismatch
+
     recorded = identify_base(runs["base"]).fingerprint[:16]
     other = identify_base(other_base(runs)).fingerprint[:16]
-    r = run_sanakit(
-        "sample", f"--checkpoint={lora_run}", "--prompt=a magenta circle",
-        f"--base={other_base(runs)}", f"--out={tmp_path / 'x.png'}",
-    )  # fmt: skip
-    line = the_error_line(r)
-    assert recorded in line and other in line and not (tmp_path / "x.png").exists()
+    with pytest.raises(BaseMismatch) as err:  # what `sample --base=OTHER` prints
+        load_for_inference(lora_run, base=other_base(runs))
+    assert recorded in str(err.value) and other in str(err.value)
 
     work = tmp_path / "w"
     shutil.copytree(lora_run, work)
@@ -215,10 +224,11 @@ def test_lora_scale_zero_is_the_base_and_eval_scores_the_run(runs, lora_run, tmp
     assert torch.allclose(off, base, atol=1e-6)
     assert float((on - base).abs().max()) > 1e-3
 
-    out = tmp_path / "eval.json"
-    r = run_sanakit("eval", f"--checkpoint={lora_run}", "--samples_per_prompt=1", "--steps=2",
-                    "--cfg_scales=[1.0]", f"--out={out}")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    from sanakit.cli.images import cmd_eval
+
+    out = tmp_path / "eval.json"  # a LoRA run trained on an image folder is scored too
+    args = ["--samples_per_prompt=1", "--steps=2", "--cfg_scales=[1.0]", f"--out={out}"]
+    assert cmd_eval([f"--checkpoint={lora_run}", *args]) == 0
     scores = demo.colour_scores(json.loads(out.read_text()), "magenta")
     assert set(scores["1.0"]) == {"new_hue", "old_hues"}
 
@@ -227,12 +237,12 @@ def test_lora_scale_zero_is_the_base_and_eval_scores_the_run(runs, lora_run, tmp
 def test_export_lora_and_merge_sample_like_sanakit(runs, lora_run, tmp_path) -> None:
     from diffusers import SanaPipeline
 
-    from sanakit.export import export_checkpoint
+    from sanakit.export import ExportError, export_checkpoint
+    from sanakit.export_lora import export_lora
     from sanakit.inference import load_for_inference
 
     export_checkpoint(runs["base"], tmp_path / "base")
-    r = run_sanakit("export", str(lora_run), str(tmp_path / "adapter"), "--lora")
-    assert r.returncode == 0, r.stderr[-3000:]
+    export_lora(lora_run, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     settings = json.loads((tmp_path / "adapter" / "sanakit.json").read_text())
     assert settings["base_model"] == identify_base(runs["base"]).to_dict()
@@ -241,11 +251,11 @@ def test_export_lora_and_merge_sample_like_sanakit(runs, lora_run, tmp_path) -> 
     prompts = ["a magenta circle", "a red square"]
     kwargs = dict(
         height=32, width=32, use_resolution_binning=False, max_sequence_length=8,
-        complex_human_instruction=None, guidance_scale=4.5, num_inference_steps=20,
+        complex_human_instruction=None, guidance_scale=4.5, num_inference_steps=4,
         negative_prompt="", output_type="pt",
     )  # fmt: skip
     ours = load_for_inference(lora_run).generate(
-        prompts, cfg_scale=4.5, steps=20, sampler="flow_dpm_solver", seed=7
+        prompts, cfg_scale=4.5, steps=4, sampler="flow_dpm_solver", seed=7
     )
     ours = (ours + 1) / 2
     pipe = SanaPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
@@ -260,5 +270,8 @@ def test_export_lora_and_merge_sample_like_sanakit(runs, lora_run, tmp_path) -> 
     assert float((merged - ours).abs().max()) <= 1e-4
     assert float((plain - ours).abs().max()) > 1e-3  # the adapter matters
 
-    line = the_error_line(run_sanakit("export", str(lora_run), str(tmp_path / "plain")))
-    assert "--lora" in line and "--merge" in line and not (tmp_path / "plain").exists()
+    with pytest.raises(ExportError, match="--lora.*--merge"):  # a LoRA run needs one of them
+        export_checkpoint(lora_run, tmp_path / "plain")
+    with pytest.raises(ExportError, match="full fine-tune"):
+        export_lora(runs["base"], tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
