@@ -29,7 +29,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 from sanakit.config import load_config
-from sanakit.errors import ConfigError
+from sanakit.errors import CheckpointError, ConfigError
 from sanakit.io.checkpoint import verify_checkpoint
 from sanakit.models.base_identity import identify_base
 from sanakit.models.lora import add_lora, is_adapter_key, lora_parameter_count
@@ -202,6 +202,15 @@ def test_another_base_at_sample_or_resume_is_one_line(runs, lora_run, tmp_path) 
     with pytest.raises(BaseMismatch) as err:  # what `sample --base=OTHER` prints
         load_for_inference(lora_run, base=other_base(runs))
     assert recorded in str(err.value) and other in str(err.value)
+    weights = checkpoint_dir(runs["base"], 2) / "model.safetensors"
+    moved = runs["root"] / "moved.safetensors"
+    weights.rename(moved)
+    try:
+        with pytest.raises(CheckpointError, match="is gone; pass --base"):
+            load_for_inference(lora_run)
+        load_for_inference(lora_run, base=moved)  # the same weights elsewhere: accepted
+    finally:
+        moved.rename(weights)
 
     work = tmp_path / "w"
     shutil.copytree(lora_run, work)

@@ -12,7 +12,7 @@ import torch
 
 from sanakit.config import Config
 from sanakit.embeddings.captions import CaptionEncoder
-from sanakit.errors import SanakitError
+from sanakit.errors import CheckpointError, SanakitError
 from sanakit.io.checkpoint import resolve_checkpoint
 from sanakit.models.base_identity import check_same_base, identify_base
 from sanakit.models.lora import add_lora, set_lora_scale
@@ -111,6 +111,11 @@ def load_for_inference(
     path = resolve_checkpoint(checkpoint)
     cfg = read_config(path)
     record = read_adapter_record(path, read_trainer_state(path))
+    if record is not None and base is None and not Path(record.base.path).exists():
+        raise CheckpointError(
+            f"the base model {record.base.path} that LoRA checkpoint {path} was trained on is "
+            "gone; pass --base=PATH to where it is now (its fingerprint is checked)"
+        )
     base_identity = identify_base(base or record.base.path) if record else None
     if record is not None:  # before any model is built: a wrong base costs one line, fast
         check_same_base(record.base, base_identity, f"LoRA checkpoint {path}")
