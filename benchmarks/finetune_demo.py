@@ -80,6 +80,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--samples_per_prompt", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="mechanics only: tiny model, few steps")
+    p.add_argument("--reuse", action="store_true", help="keep a finished base and its eval")
+    p.add_argument("--lora_name", default="lora", help="the LoRA run's folder under --work")
+    p.add_argument("--lora_arg", action="append", default=[], help="more LoRA train overrides")
     a = p.parse_args()
     work = Path(a.work)
     model = TINY_MODEL if a.tiny else []
@@ -89,18 +92,20 @@ def main() -> None:
         f"--samples_per_prompt={a.samples_per_prompt}"
     ]  # fmt: skip
     start = time.monotonic()
-    base, lora = work / "base", work / "lora"
-    sanakit("train", f"--work_dir={base}", *model, *COMMON, f"--train.max_steps={base_steps}",
-            f"--data.exclude_colors=[{a.hue}]")  # fmt: skip
+    base, lora = work / "base", work / a.lora_name
+    if not (a.reuse and (base / "checkpoints" / f"step_{base_steps:08d}").is_dir()):
+        sanakit("train", f"--work_dir={base}", *model, *COMMON, f"--train.max_steps={base_steps}",
+                f"--data.exclude_colors=[{a.hue}]")  # fmt: skip
     folder = write_hue_folder(work / f"{a.hue}_images", a.hue, a.images, size)
     sanakit("train", f"--work_dir={lora}", *model, *COMMON, f"--load_from={base}",
             "--lora.rank=4", "--data.type=image_folder", f"--data.data_dir=[{folder}]",
             f"--train.max_steps={lora_steps}", "--train.warmup_steps=20",
-            "--train.save_model_steps=100000")  # fmt: skip
+            "--train.save_model_steps=100000", *a.lora_arg)  # fmt: skip
     scores = {}
     for name, run in (("base", base), ("lora", lora)):
-        out = work / f"eval_{name}.json"
-        sanakit("eval", f"--checkpoint={run}", f"--out={out}", *evals)
+        out = work / f"eval_{run.name}.json"
+        if not (a.reuse and name == "base" and out.is_file()):
+            sanakit("eval", f"--checkpoint={run}", f"--out={out}", *evals)
         scores[name] = colour_scores(json.loads(out.read_text()), a.hue)
     print(f"\n{'cfg':>5} {'':>6} {'new hue %':>10} {'old hues %':>11}")
     for scale in scores["base"]:
@@ -108,7 +113,7 @@ def main() -> None:
             s = scores[name][scale]
             print(f"{scale:>5} {name:>6} {100 * s['new_hue']:10.1f} {100 * s['old_hues']:11.1f}")
     result = {"hue": a.hue, "tiny": a.tiny, "base_steps": base_steps, "lora_steps": lora_steps,
-              "images": a.images, "scores": scores,
+              "images": a.images, "lora_args": a.lora_arg, "scores": scores,
               "wall_s": round(time.monotonic() - start, 1)}  # fmt: skip
     print(json.dumps(result))
 
