@@ -2,7 +2,8 @@
 
 1. train a base shapes model with one hue left out (``--data.exclude_colors=[HUE]``);
 2. write a small image folder of that hue only (``a HUE circle`` ... with .txt captions);
-3. train a rank-4 LoRA on it (``--load_from=BASE --lora.rank=4``);
+3. train a rank-4 LoRA on it (``--load_from=BASE --lora.rank=4``, cross-attention K/V, no
+   caption dropout: see ``DEMO_LORA``);
 4. ``sanakit eval`` base and LoRA; report colour adherence on the new hue and on the old hues
    (forgetting), before and after.
 
@@ -34,6 +35,10 @@ TINY_MODEL = [
     "--train.train_batch_size=4", "--train.warmup_steps=2",
 ]  # fmt: skip
 # no on-disk caches: 60k distinct shapes samples would each be written once, for nothing
+# The adapter sits on the cross-attention keys/values only (what a caption word maps to), and the
+# LoRA run never drops captions: with the default targets (attention + Mix-FFN) and caption
+# dropout, 200 steps learned magenta but forgot red and blue (old hues 61.7 % at CFG 4.5).
+DEMO_LORA = ["--lora.target_modules=[attn2.to_k,attn2.to_v]", "--model.class_dropout_prob=0.0"]
 COMMON = [
     "--train.visualize=false",
     "--report_to=none",
@@ -75,8 +80,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="work/finetune_demo")
     p.add_argument("--hue", default="magenta", choices=list(COLOURS))
-    p.add_argument("--base_steps", type=int, default=1000)
-    p.add_argument("--lora_steps", type=int, default=300)
+    p.add_argument("--base_steps", type=int, default=800)
+    p.add_argument("--lora_steps", type=int, default=200)
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--samples_per_prompt", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="mechanics only: tiny model, few steps")
@@ -98,7 +103,8 @@ def main() -> None:
                 f"--data.exclude_colors=[{a.hue}]")  # fmt: skip
     folder = write_hue_folder(work / f"{a.hue}_images", a.hue, a.images, size)
     sanakit("train", f"--work_dir={lora}", *model, *COMMON, f"--load_from={base}",
-            "--lora.rank=4", "--data.type=image_folder", f"--data.data_dir=[{folder}]",
+            "--lora.rank=4", *DEMO_LORA, "--data.type=image_folder",
+            f"--data.data_dir=[{folder}]",
             f"--train.max_steps={lora_steps}", "--train.warmup_steps=20",
             "--train.save_model_steps=100000", *a.lora_arg)  # fmt: skip
     scores = {}
@@ -113,7 +119,7 @@ def main() -> None:
             s = scores[name][scale]
             print(f"{scale:>5} {name:>6} {100 * s['new_hue']:10.1f} {100 * s['old_hues']:11.1f}")
     result = {"hue": a.hue, "tiny": a.tiny, "base_steps": base_steps, "lora_steps": lora_steps,
-              "images": a.images, "lora_args": a.lora_arg, "scores": scores,
+              "images": a.images, "lora_args": DEMO_LORA + a.lora_arg, "scores": scores,
               "wall_s": round(time.monotonic() - start, 1)}  # fmt: skip
     print(json.dumps(result))
 
