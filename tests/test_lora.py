@@ -107,6 +107,27 @@ def test_config_checks_and_targets_name_what_exists() -> None:
     assert 0 < trainable < total / 5
 
 
+def test_doctor_memory_estimate_counts_only_the_adapter_as_trained() -> None:
+    from types import SimpleNamespace
+
+    from sanakit.doctor.models import estimate_train_memory
+    from sanakit.models.transformer import build_transformer
+
+    frozen = SimpleNamespace(dtype=torch.float32, downsample_factor=1)
+    full = load_config(None, [*FAST])
+    lora = load_config(None, [*FAST, "--lora.rank=4", "--load_from=x"])
+    probe = SimpleNamespace(
+        transformer=build_transformer(full, 3, 384, 1), text_encoder=frozen, autoencoder=frozen
+    )
+    n = sum(p.numel() for p in probe.transformer.parameters())
+    adapter = lora_parameter_count(probe.transformer, lora.lora)
+    full_bytes, _ = estimate_train_memory(full, probe)
+    lora_bytes, words = estimate_train_memory(lora, probe)
+    # full: 20 B per parameter (weights, grads, AdamW, EMA); LoRA: 4 B frozen + 20 B per adapter
+    assert full_bytes - lora_bytes == n * 20 - (n * 4 + adapter * 20)
+    assert f"LoRA rank 4 ({adapter:,} params)" in words
+
+
 def test_cli_option_errors_are_one_line(tmp_path) -> None:
     both = run_sanakit("export", str(tmp_path), str(tmp_path / "o"), "--lora", "--merge")
     assert "--lora and --merge" in the_error_line(both)

@@ -120,7 +120,7 @@ def estimate_train_memory(cfg: Config, probe: Probe) -> tuple[int, str]:
     if cfg.lora.rank:  # the base is frozen (fp32, no grads/moments/EMA); the adapter trains
         adapter = lora_parameter_count(probe.transformer, cfg.lora)
         weights = n * 4 + adapter * (8 + moments + 4)
-        trained = f"frozen base + LoRA rank {cfg.lora.rank} ({adapter / 1e6:.2f}M params)"
+        trained = f"frozen base + LoRA rank {cfg.lora.rank} ({adapter:,} params), adapter"
     frozen = frozen_bytes(cfg, probe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     act_bytes = 2 if autocast_dtype(cfg, device) == torch.bfloat16 else 4
