@@ -290,7 +290,7 @@ def test_runs_record_the_base_and_resume_rebuilds_the_same_model(
     a = tmp_path / "a"
     train_quick(pipe, a, "--train.max_steps=2", "--train.save_model_steps=1")
     trainer = json.loads((a / "checkpoints/step_00000002/trainer_state.json").read_text())
-    recorded = BaseModelIdentity.from_dict(trainer["base_model"])
+    recorded = BaseModelIdentity.from_dict(trainer["pretrained_model"])
     assert recorded == base_identity(str(pipe)) and recorded.path == str(pipe / "transformer")
     b = tmp_path / "b"
     train_quick(pipe, b, "--train.max_steps=2", f"--resume_from={a}/checkpoints/step_00000001")

@@ -26,6 +26,7 @@ LAYERS = [
     {"sanakit.doctor"},
     {"sanakit.cli", "sanakit.__main__"},
 ]
+next(s for s in LAYERS if "sanakit.export" in s).add("sanakit.export_lora")  # LoRA adapter export
 # function-local imports are allowed in cli.py (fast config errors) and for packages only some
 # runs need: an optimizer, tensorboard, one data format, the packaged MiniLM, Sana's bucket
 # tables (model.multi_scale), memory probing

@@ -39,8 +39,9 @@ from sanakit.export_guard import (
 from sanakit.inference import load_for_inference
 from sanakit.io.atomic import atomic_directory
 from sanakit.io.checkpoint import resolve_checkpoint
+from sanakit.models.lora import fuse_and_unload
 from sanakit.sampling import make_scheduler
-from sanakit.train.state import read_trainer_state
+from sanakit.train.state import read_config, read_trainer_state
 
 __all__ = ["FORMAT", "SETTINGS_FILE", "ExportError", "check_destination", "export_checkpoint"]
 
@@ -225,21 +226,44 @@ def _write_parts(inf: Any, tmp: Path, runnable: bool) -> None:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False, overwrite: bool = False
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    ema: bool = False,
+    overwrite: bool = False,
+    merge: bool = False,
+    lora_scale: float = 1.0,
+    base: str | Path | None = None,
 ) -> ExportResult:
     """Write ``out_dir`` as a diffusers Sana folder from a checkpoint (or a work_dir's newest).
 
-    Raises :class:`SanakitError` subclasses (one line) for a bad checkpoint or destination.
+    A LoRA checkpoint needs ``merge``: the adapter (at ``lora_scale``) is fused into its base and
+    the folder holds a plain transformer. Raises :class:`SanakitError` subclasses (one line) for
+    a bad checkpoint or destination.
     """
     path = resolve_checkpoint(checkpoint)
+    lora = read_config(path).lora.rank > 0
+    if lora != merge:
+        raise ExportError(
+            f"{path} is a LoRA run: export its adapter with --lora, or the whole pipeline with "
+            "the adapter fused with --merge"
+            if lora
+            else f"--merge fuses a LoRA adapter, but {path} is a full fine-tune; drop --merge"
+        )
     out_dir = check_destination(Path(out_dir), overwrite)
-    inf = load_for_inference(path, ema=ema, device="cpu")
+    inf = load_for_inference(path, ema=ema, device="cpu", lora_scale=lora_scale, base=base)
+    if merge:
+        fuse_and_unload(inf.models.transformer)
     cfg = inf.cfg
     blocker = pipeline_blocker(cfg, inf.models.autoencoder)
     runnable = not blocker
     step = int(read_trainer_state(path).get("step", 0))
     null_check = null_embedding_check(inf.models.text_encoder, inf.null)
     settings = build_settings(cfg, path, step, ema, blocker, inf.null, null_check)
+    if merge:
+        trainer = read_trainer_state(path)
+        settings["merged_lora"] = {**trainer["lora"], "scale": lora_scale}
+        settings["base_model"] = trainer["base_model"]
     if not settings["null_embedding"]["exported_encoder_reproduces_it"]:
         log.warning(
             "the exported text encoder does not reproduce the checkpoint's null embedding (max "

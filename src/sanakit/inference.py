@@ -12,13 +12,22 @@ import torch
 
 from sanakit.config import Config
 from sanakit.embeddings.captions import CaptionEncoder
-from sanakit.errors import SanakitError
+from sanakit.errors import CheckpointError, SanakitError
 from sanakit.io.checkpoint import listed_files, resolve_checkpoint
 from sanakit.io.shards import require_full_layout
+from sanakit.models.base_identity import check_same_base, identify_base
+from sanakit.models.lora import add_lora, set_lora_scale
 from sanakit.models.text.null_embedding import NullEmbedding, check_matches_checkpoint
+from sanakit.models.transformer import load_weights
 from sanakit.sampling import sample_latents, to_uint8_grid
 from sanakit.train.components import autocast_dtype, build_models, latent_shape
-from sanakit.train.state import load_transformer_weights, read_config, read_null_embedding
+from sanakit.train.lora_checks import read_adapter_record
+from sanakit.train.state import (
+    load_transformer_weights,
+    read_config,
+    read_null_embedding,
+    read_trainer_state,
+)
 
 log = logging.getLogger("sanakit")
 MEMO_CAPACITY = 4096  # prompts kept by Inference.encode_prompts
@@ -95,13 +104,31 @@ def load_for_inference(
     ema: bool = False,
     device: str | torch.device | None = None,
     allow_encoder_change: bool = False,
+    lora_scale: float = 1.0,
+    base: str | Path | None = None,
 ) -> Inference:
+    """A checkpoint ready to sample. A LoRA checkpoint loads its base (the recorded one, or
+    ``base``: it must have the recorded fingerprint) plus the adapter at ``lora_scale``."""
     path = resolve_checkpoint(checkpoint)
     require_full_layout(listed_files(path))  # before any model is built
     cfg = read_config(path)
+    record = read_adapter_record(path, read_trainer_state(path))
+    if record is not None and base is None and not Path(record.base.path).exists():
+        raise CheckpointError(
+            f"the base model {record.base.path} that LoRA checkpoint {path} was trained on is "
+            "gone; pass --base=PATH to where it is now (its fingerprint is checked)"
+        )
+    base_identity = identify_base(base or record.base.path) if record else None
+    if record is not None:  # before any model is built: a wrong base costs one line, fast
+        check_same_base(record.base, base_identity, f"LoRA checkpoint {path}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = build_models(cfg, device)
-    load_transformer_weights(path, models.transformer, ema=ema)  # one error line if they misfit
+    if record is not None:
+        load_weights(models.transformer, base_identity.path)
+        add_lora(models.transformer, cfg.lora)
+        set_lora_scale(models.transformer, lora_scale)
+    # one error line if they misfit
+    load_transformer_weights(path, models.transformer, ema=ema, adapter_only=record is not None)
     models.transformer.eval()
     null = read_null_embedding(path, models.text_encoder)
     check_matches_checkpoint(
@@ -110,7 +137,10 @@ def load_for_inference(
         allow_encoder_change,
     )
     null = null.to(device, models.text_encoder.dtype)
-    log.info("loaded %s weights from %s", "EMA" if ema else "model", path)
+    log.info(
+        "loaded %s weights from %s%s", "EMA" if ema else "model", path,
+        f" on base {base_identity.path} (LoRA scale {lora_scale})" if record else "",
+    )  # fmt: skip
     return Inference(cfg, path, models, null, CaptionEncoder(models.text_encoder), device)
 
 

@@ -23,7 +23,21 @@ def sample_parser(prog: str = "sanakit sample") -> OneLineParser:
     p.add_argument("--out", default="out.png")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--allow_encoder_change", action="store_true")
+    add_lora_options(p)
     return p
+
+
+def add_lora_options(p: OneLineParser) -> None:
+    p.add_argument(
+        "--lora_scale", type=float, default=1.0, help="LoRA runs: adapter strength (0 = base)"
+    )
+    p.add_argument("--base", default=None, help="LoRA runs: the base model, if it moved")
+
+
+def check_lora_scale(value: float) -> float:
+    if not math.isfinite(value):
+        raise SanakitError(f"--lora_scale={value} must be a finite number (1.0 = as trained)")
+    return value
 
 
 def check_out_file(out: Path, flag: str, suffix: str | None = None) -> Path:
@@ -73,6 +87,7 @@ def check_sample_options(opts: argparse.Namespace) -> list[str]:
     if opts.num_images <= 0:
         raise SanakitError(f"--num_images={opts.num_images} must be > 0")
     check_out_file(Path(opts.out), "--out", ".png")
+    check_lora_scale(opts.lora_scale)
     return prompts
 
 
@@ -90,7 +105,11 @@ def cmd_sample(args: list[str]) -> int:
 
     check_request(len(prompts), opts.num_images)
     inf = load_for_inference(
-        checkpoint, ema=opts.ema, allow_encoder_change=opts.allow_encoder_change
+        checkpoint,
+        ema=opts.ema,
+        allow_encoder_change=opts.allow_encoder_change,
+        lora_scale=opts.lora_scale,
+        base=opts.base,
     )
     t = inf.cfg.train
     grid = sample_grid(
@@ -133,6 +152,7 @@ def eval_parser() -> OneLineParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action="store_true")
     p.add_argument("--out", default=None, help="JSON report (default: WORK_DIR/eval.json)")
+    add_lora_options(p)
     return p
 
 
@@ -147,8 +167,12 @@ def cmd_eval(args: list[str]) -> int:
     from sanakit.inference import load_for_inference
     from sanakit.io.atomic import atomic_write_text
 
-    inf = load_for_inference(opts.checkpoint, ema=opts.ema)
-    if inf.cfg.data.type != "shapes":
+    check_lora_scale(opts.lora_scale)
+    inf = load_for_inference(
+        opts.checkpoint, ema=opts.ema, lora_scale=opts.lora_scale, base=opts.base
+    )
+    if inf.cfg.data.type != "shapes" and not inf.cfg.lora.rank:
+        # a LoRA run fine-tunes a shapes base on an image folder (the fine-tuning demo)
         raise SanakitError("sanakit eval scores the built-in shapes model only (data.type=shapes)")
     scales = scales or [1.0, inf.cfg.train.cfg_scale]
     out = out or check_out_file(inf.checkpoint.parent.parent / "eval.json", "the eval report")
@@ -175,13 +199,20 @@ def cmd_eval(args: list[str]) -> int:
 
 
 def cmd_export(args: list[str]) -> int:
-    """`sanakit export CHECKPOINT OUT_DIR [--ema] [--overwrite]`: a SanaPipeline folder."""
+    """`sanakit export CHECKPOINT OUT_DIR [--ema] [--overwrite] [--lora | --merge]`: a
+    SanaPipeline folder, or a LoRA run's adapter in diffusers' format."""
     p = OneLineParser(prog="sanakit export", description="Export a checkpoint for diffusers.")
     p.add_argument("checkpoint", help="checkpoint dir or work_dir (newest)")
     p.add_argument("out_dir", help="folder to write (must be absent or empty)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--lora", action="store_true", help="LoRA runs: the adapter, diffusers format")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: a pipeline, adapter fused")
+    add_lora_options(p)
     opts = p.parse_args(args)
+    if opts.lora and opts.merge:
+        raise SanakitError("--lora and --merge exclude each other; pass one")
+    check_lora_scale(opts.lora_scale)
     import transformers
     from diffusers.utils import logging as diffusers_logging
 
@@ -193,9 +224,19 @@ def cmd_export(args: list[str]) -> int:
     diffusers_logging.disable_progress_bar()
 
     with own_destination(Path(opts.out_dir), "sanakit export"):  # one export per OUT_DIR
+        if opts.lora:
+            from sanakit.export_lora import export_lora
+
+            result = export_lora(
+                opts.checkpoint, opts.out_dir, ema=opts.ema, overwrite=opts.overwrite,
+                base=opts.base,
+            )  # fmt: skip
+            print(f"wrote {result.out_dir / 'pytorch_lora_weights.safetensors'}")
+            return 0
         result = export_checkpoint(
-            opts.checkpoint, opts.out_dir, ema=opts.ema, overwrite=opts.overwrite
-        )
+            opts.checkpoint, opts.out_dir, ema=opts.ema, overwrite=opts.overwrite,
+            merge=opts.merge, lora_scale=opts.lora_scale, base=opts.base,
+        )  # fmt: skip
     if not result.pipeline_runnable:
         print(
             f"note: SanaPipeline cannot run this model ({result.not_runnable_because}); exported "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from operator import attrgetter
 
-from sanakit.config.schema import SEED_MAX, Config, DataType, VaeType, schema_types
+from sanakit.config.schema import (
+    SEED_MAX,
+    SHAPES_COLOURS,
+    Config,
+    DataType,
+    VaeType,
+    schema_types,
+)
 from sanakit.errors import ConfigError
 
 _POSITIVE = (  # counts, sizes and factors
@@ -19,14 +26,15 @@ _POSITIVE = (  # counts, sizes and factors
 _NON_NEGATIVE = (
     "train.lr", "train.warmup_steps", "train.gradient_clip", "train.cfg_scale",
     "train.early_stop_hours", "train.weight_decay", "data.max_samples", "data.num_workers",
-    "scheduler.logit_std", "data.val_split",
+    "scheduler.logit_std", "data.val_split", "lora.rank", "lora.alpha",
 )  # fmt: skip
-_UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_rate")
+_UNIT_INTERVAL = ("model.class_dropout_prob", "train.ema_rate", "lora.dropout")
 MODEL_SIZE_MAX = 65_536  # larger than any Sana layer, head or image side; beyond it shapes overflow
 _MODEL_SIZES = tuple(k for k in _POSITIVE if k.startswith("model."))
 COUNT_MAX = 2**31 - 1  # per-step counts a tensor shape or a worker pool must hold
 _COUNTS = ("train.train_batch_size", "train.gradient_accumulation_steps",
-           "train.sampling_steps", "data.num_workers", "text_encoder.max_length")  # fmt: skip
+           "train.sampling_steps", "data.num_workers", "text_encoder.max_length",
+           "lora.rank")  # fmt: skip
 
 
 def check_seed(seed: int, name: str = "seed") -> int:
@@ -80,6 +88,8 @@ def validate(cfg: Config) -> Config:
     _check_heldout(cfg)
     if not cfg.work_dir:
         raise ConfigError("work_dir is empty; set --work_dir=DIR")
+    _check_exclude_colors(cfg)
+    _check_lora(cfg)
     return cfg
 
 
@@ -99,4 +109,42 @@ def _check_heldout(cfg: Config) -> None:
         raise ConfigError(
             "data.val_dir needs a folder-based data.type; the built-in shapes hold out samples "
             "with --data.val_split=N"
+        )
+
+
+def _check_exclude_colors(cfg: Config) -> None:
+    names = list(SHAPES_COLOURS)
+    unknown = [c for c in cfg.data.exclude_colors if c not in names]
+    if unknown:
+        raise ConfigError(
+            f"data.exclude_colors names unknown colour '{unknown[0]}'; use some of "
+            f"{', '.join(names)}"
+        )
+    if set(names) <= set(cfg.data.exclude_colors):
+        raise ConfigError("data.exclude_colors leaves no colour to draw; keep at least one")
+    if cfg.data.exclude_colors and cfg.data.type != DataType.SHAPES:
+        raise ConfigError(
+            f"data.exclude_colors applies to data.type=shapes only (got {cfg.data.type}); "
+            "remove it or use the shapes dataset"
+        )
+
+
+def _check_lora(cfg: Config) -> None:
+    lora = cfg.lora
+    if lora.rank == 0:
+        return
+    if not lora.target_modules or any(not t.strip() for t in lora.target_modules):
+        raise ConfigError(
+            'lora.target_modules is empty or holds an empty name; set --lora.target_modules="'
+            '[to_q,to_k,to_v]" or leave the default'
+        )
+    if not cfg.load_from:
+        raise ConfigError(
+            f"lora.rank={lora.rank} trains an adapter on a base model, but load_from is empty; "
+            "set --load_from=BASE (a sanakit checkpoint or work dir, or a diffusers folder)"
+        )
+    if cfg.train.fsdp:
+        raise ConfigError(
+            "train.fsdp=true with lora.rank>0 is not supported (the adapter is small: DDP is "
+            "enough); drop --train.fsdp or set --lora.rank=0"
         )

@@ -71,6 +71,10 @@ class TextEncoderConfig:
     dtype: EncoderDtype = EncoderDtype.AUTO
 
 
+# the built-in shapes dataset's hues (data/shapes.py draws them in this order)
+SHAPES_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
+
+
 @dataclass
 class DataConfig:
     type: DataType = DataType.SHAPES
@@ -83,6 +87,7 @@ class DataConfig:
     # picked by the seed, or a separate folder of the same data.type; 0 / "" = none
     val_split: float = 0.0
     val_dir: str = ""
+    exclude_colors: list[str] = field(default_factory=list)  # shapes: hues never drawn
 
 
 @dataclass
@@ -129,6 +134,19 @@ class TrainConfig:
     release_encoders: bool = True  # free text encoder + AE encoder once the caches cover the data
 
 
+# diffusers' Sana LoRA script targets the attention projections; the Mix-FFN's two pointwise convs
+# are the feed-forward layers (the depthwise conv is left out: a grouped 3x3 conv, few params)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning (no adapter)
+    alpha: float = 0.0  # 0 = rank (scale alpha / rank = 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class Config:
     work_dir: str = "work/shapes"
@@ -144,6 +162,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def packaged_config_path(name: str = "default") -> Path:

@@ -207,7 +207,8 @@ def index_dataset(cfg_data: DataConfig, image_size: int, seed: int) -> Dataset:
     """
     kind = getattr(cfg_data, "type", None)
     if kind == "shapes":
-        return ShapesDataset(image_size=image_size, seed=seed)
+        exclude = tuple(getattr(cfg_data, "exclude_colors", None) or ())
+        return ShapesDataset(image_size=image_size, seed=seed, exclude_colors=exclude)
     if kind not in INDEXERS:
         known = ", ".join(["shapes", *INDEXERS])
         raise DataError(f"unknown data.type {kind!r}; use one of {known}")

@@ -156,9 +156,19 @@ def render(colour: str, shape: str, image_size: int, rng: np.random.Generator) -
 
 
 class ShapesDataset(Dataset):
-    """``length`` procedural images; item ``i`` depends only on ``(seed, i)``."""
+    """``length`` procedural images; item ``i`` depends only on ``(seed, i)``.
 
-    def __init__(self, image_size: int = 32, seed: int = 0, length: int = 60000) -> None:
+    ``exclude_colors`` leaves hues out (a base model that never saw them, for fine-tuning
+    demos); with none left out the items are those of earlier versions, byte for byte.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        seed: int = 0,
+        length: int = 60000,
+        exclude_colors: tuple[str, ...] = (),
+    ) -> None:
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {image_size}")
         if seed < 0:
@@ -168,7 +178,12 @@ class ShapesDataset(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.length = length
-        self._colours = tuple(COLOURS)
+        unknown = [c for c in exclude_colors if c not in COLOURS]
+        if unknown:
+            raise ValueError(f"unknown colour {unknown[0]!r}; expected some of {tuple(COLOURS)}")
+        self._colours = tuple(c for c in COLOURS if c not in exclude_colors)
+        if not self._colours:
+            raise ValueError("exclude_colors leaves no colour to draw")
 
     def __len__(self) -> int:
         return self.length

@@ -12,6 +12,7 @@ import torch
 from sanakit.config import Config
 from sanakit.doctor.check import FAIL, PASS, WARN, Check, env_int
 from sanakit.doctor.probe import Probe
+from sanakit.models.lora import lora_parameter_count
 from sanakit.models.text.base import resolve_dtype
 from sanakit.train.components import autocast_dtype
 from sanakit.units import human_bytes
@@ -109,9 +110,9 @@ CPU_RUNTIME_BYTES = 450 * 1024**2
 
 
 def encoders_released(cfg: Config) -> bool:
-    """Whether training frees the encoders before its first step (``train.release_encoders``,
-    where this tree has it; the caches then hold everything the steps need)."""
-    return bool(getattr(cfg.train, "release_encoders", False))
+    """Whether training frees the encoders before its first step (``train.release_encoders``:
+    it does once the caches cover the dataset, which ``sanakit cache build`` makes sure of)."""
+    return cfg.train.release_encoders
 
 
 def optimizer_state_bytes(optimizer: str, parameters: Iterable[torch.nn.Parameter]) -> int:
@@ -135,7 +136,8 @@ def estimate_train_memory(
     """Rough peak bytes for one training process, and the parts in words.
 
     fp32 master weights + grads (8 B/param), the optimizer state (``optimizer_state_bytes``), the
-    fp32 EMA (4), the frozen encoders at their dtype, and activations: per layer and token about
+    fp32 EMA (4) -- with LoRA only the adapter has grads, moments and EMA, the base 4 B/param --
+    the frozen encoders at their dtype, and activations: per layer and token about
     (26 + 5 * mlp_ratio) * hidden values kept for backward, in bf16 or fp32 (calibrated on CPU
     fp32 with autograd's saved-tensor hooks: 38-39 at mlp_ratio 2.5 for hidden 128 and 256,
     4 and 8 layers); with gradient checkpointing only each layer's input plus one layer's worth.
@@ -148,6 +150,11 @@ def estimate_train_memory(
     released = encoders_released(cfg) if released is None else released
     n = sum(p.numel() for p in probe.transformer.parameters())
     weights = n * (8 + 4) + optimizer_state_bytes(t.optimizer, probe.transformer.parameters())
+    trained = "model"
+    if cfg.lora.rank:  # the base is frozen (fp32, no grads/moments/EMA); the adapter trains
+        adapter = lora_parameter_count(probe.transformer, cfg.lora)
+        weights = n * 4 + adapter * (8 + 8 + 4)  # adapters are matrices: AdamW-like state
+        trained = f"frozen base + LoRA rank {cfg.lora.rank} ({adapter:,} params), adapter"
     frozen = frozen_bytes(cfg, probe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
@@ -165,7 +172,7 @@ def estimate_train_memory(
     else:
         need = runtime + weights + frozen + acts
     parts = (
-        f"model+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}"
+        f"{trained}+grads+{t.optimizer}+EMA {human_bytes(weights)}, encoders {human_bytes(frozen)}"
         f"{' (released before the first step)' if released else ''}, "
         f"activations ~{human_bytes(acts)} ({'bf16' if act_bytes == 2 else 'fp32'}, batch "
         f"{t.train_batch_size}{', checkpointed' if m.gradient_checkpointing else ''})"

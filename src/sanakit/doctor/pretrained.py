@@ -25,7 +25,7 @@ from sanakit.models.transformer import TORCH_SUFFIXES
 from sanakit.train.state import read_trainer_state
 from sanakit.units import human_bytes
 
-BASE_KEY = "base_model"  # trainer_state.json: the base_identity a run started from
+BASE_KEY = "pretrained_model"  # trainer_state.json: the base a run started from (LoRA: base_model)
 
 
 def _from_pretrained(cfg: Config) -> str:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from sanakit.config import Config
 from sanakit.errors import CheckpointError
+from sanakit.io.checkpoint import resolve_checkpoint
 from sanakit.io.shards import SHARD_METADATA
 from sanakit.models.pretrained import build_pretrained_transformer
 from sanakit.models.pretrained_config import check_resolved
@@ -82,12 +83,12 @@ def load_nvlabs_weights(model: torch.nn.Module, path: Path) -> LoadedWeights:
     )
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> LoadedWeights:
-    """Load weights only (fine-tuning) from a sanakit checkpoint dir, a diffusers folder, a
-    ``.safetensors`` file or an NVlabs/Sana trainer ``.pth``. Shapes must match exactly."""
+def find_weights(path: str | Path) -> Path:
+    """The weights file ``load_from`` names: a .safetensors file, a sanakit checkpoint or work
+    dir (its newest checkpoint), a diffusers transformer folder or a pipeline folder."""
     path = Path(path)
-    if path.is_file() and path.suffix in TORCH_SUFFIXES:
-        return load_nvlabs_weights(model, path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = resolve_checkpoint(path)
     candidates = [
         path / "model.safetensors",  # a sanakit checkpoint
         path / "diffusion_pytorch_model.safetensors",  # a diffusers transformer folder
@@ -107,6 +108,16 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> LoadedWeights:
             "point it at a sanakit checkpoint, a diffusers Sana transformer folder or an "
             "NVlabs/Sana .pth"
         )
+    return found
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> LoadedWeights:
+    """Load weights only (fine-tuning) from a sanakit checkpoint or work dir, a diffusers folder,
+    a ``.safetensors`` file or an NVlabs/Sana trainer ``.pth``. Shapes must match exactly."""
+    path = Path(path)
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        return load_nvlabs_weights(model, path)
+    found = find_weights(path)
     try:
         state = load_file(str(found))
     except Exception as err:  # safetensors raises several types for corrupt files

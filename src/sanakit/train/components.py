@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from sanakit.config import Config, to_yaml
+from sanakit.config import Config, LoraConfig, to_yaml
 from sanakit.data.dataset import build_dataset
 from sanakit.data.sampler import ResumableSampler
 from sanakit.data.split import describe, split_heldout
 from sanakit.errors import ConfigError
 from sanakit.models.autoencoder import build_autoencoder
+from sanakit.models.base_identity import identify_base
+from sanakit.models.lora import add_lora, lora_alpha
 from sanakit.models.pretrained import base_identity, load_pretrained_weights
 from sanakit.models.text import build_text_encoder
 from sanakit.models.text.null_embedding import NullEmbedding
@@ -107,8 +109,9 @@ def latent_shape(cfg: Config, autoencoder: Any) -> tuple[int, int, int]:
 
 
 def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
-    """Model + EMA (fp32) + AdamW moments (2x fp32), plus slack for small files."""
-    n = sum(p.numel() for p in model.parameters())
+    """Model + EMA (fp32) + AdamW moments (2x fp32) of the trained parameters (a LoRA run
+    saves its adapter only), plus slack for small files."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return int(n * 4 * 4 + 1_000_000)
 
 
@@ -145,6 +148,32 @@ def initial_weights(cfg: Config, model: torch.nn.Module) -> LoadedWeights | None
     return None
 
 
+def add_adapter(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the base named by load_from, freeze it and add the LoRA adapter; returns what
+    trainer_state.json records (the base's identity, the adapter's settings)."""
+    base = identify_base(cfg.load_from)
+    load_weights(model, base.path)
+    torch.manual_seed(cfg.seed)  # reproducible adapter initialisation
+    trainable = add_lora(model, cfg.lora)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA rank %d on base %s (fingerprint %s): %d of %d parameters trainable (%.2f%%)",
+        cfg.lora.rank, base.path, base.fingerprint[:16], trainable, total,
+        100 * trainable / total,
+    )  # fmt: skip
+    return {"base_model": base.to_dict(), "lora": lora_record(cfg.lora)}
+
+
+def lora_record(lora: LoraConfig) -> dict[str, Any]:
+    """The adapter's settings as a checkpoint records them."""
+    return {
+        "rank": lora.rank,
+        "alpha": lora_alpha(lora),
+        "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+    }
+
+
 def build_parts(
     cfg: Config, accelerator: Any, models: Models, null: NullEmbedding, resuming: bool
 ) -> Parts:
@@ -163,7 +192,12 @@ def build_parts(
             "%d samples per epoch do not fill a batch for every rank", sampler.dropped_per_epoch
         )
     model = models.transformer
-    loaded = None if resuming else initial_weights(cfg, model)
+    extra: dict[str, Any] = {}
+    loaded = None
+    if cfg.lora.rank:  # the frozen base is loaded whether or not the run resumes
+        extra = add_adapter(cfg, model)
+    elif not resuming:
+        loaded = initial_weights(cfg, model)
     sharded = parallel.use_fsdp(cfg, world)
     if sharded:  # in place, before the optimizer and the EMA take the (now sharded) parameters
         log.info(parallel.shard_transformer(model, device, world))
@@ -179,10 +213,12 @@ def build_parts(
         config_yaml=to_yaml(cfg),
         rank=rank,
         world_size=world,
+        extra=extra,
+        adapter_only=bool(cfg.lora.rank),
     )
     if loaded is not None and loaded.ema is not None:  # an NVlabs checkpoint's own EMA
         state.ema.load_state_dict(loaded.ema)
     if cfg.model.pretrained:  # which base this run started from (LoRA checks it on resume)
-        state.extra["base_model"] = base_identity(cfg.model.pretrained).to_dict()
+        state.extra["pretrained_model"] = base_identity(cfg.model.pretrained).to_dict()
     shape = latent_shape(cfg, models.autoencoder)
     return Parts(models, encoders, dataset, state, sharded, shape, split.heldout)

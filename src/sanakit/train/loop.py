@@ -27,6 +27,7 @@ from sanakit.train.batches import EpochBatches
 from sanakit.train.components import accelerate_precision, build_models, build_parts
 from sanakit.train.heldout import HeldOut
 from sanakit.train.hooks import Checkpointer, Metrics, StopPolicy, Validation
+from sanakit.train.lora_checks import check_same_adapter
 from sanakit.train.nodes import Launch
 from sanakit.train.sharded import check_checkpoint_format
 from sanakit.train.state import TrainState, read_trainer_state
@@ -182,6 +183,7 @@ def continue_from(resume_dir: Path, state: TrainState, cfg: Config) -> None:
     check_matches_checkpoint(
         state.null, saved.get("null_embed_provenance", {}), cfg.train.allow_encoder_change
     )
+    check_same_adapter(resume_dir, saved, state.extra)
     state.load(resume_dir)
     log.info("resumed from %s at step %d (epoch %d)", resume_dir, state.step, state.epoch)
 

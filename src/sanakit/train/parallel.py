@@ -57,6 +57,11 @@ def use_fsdp(cfg: Config, world_size: int) -> bool:
     if world_size == 1:
         log.info("FSDP requested with a single process: nothing to shard, training unsharded")
         return False
+    if cfg.lora.rank:  # train.fsdp=true is refused with the config; this is a launch config
+        raise ConfigError(
+            "FSDP (an accelerate FSDP launch config) with lora.rank>0 is not supported (the "
+            "adapter is small: DDP is enough); launch without FSDP or set --lora.rank=0"
+        )
     if cfg.train.optimizer != "adamw":
         # came-pytorch mixes its factored row/column statistics (plain tensors) with sharded
         # (DTensor) gradients and fails in its first step

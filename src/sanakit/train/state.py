@@ -34,6 +34,7 @@ from sanakit.errors import CheckpointError
 from sanakit.io.artifacts import PROVENANCE
 from sanakit.io.checkpoint import ListedFiles, listed_files
 from sanakit.io.shards import is_sharded_checkpoint, require_full_layout
+from sanakit.models.lora import is_adapter_key
 from sanakit.models.text.null_embedding import NullEmbedding
 from sanakit.train.checkpoint_files import (
     CONFIG_FILE,
@@ -149,7 +150,8 @@ class TrainState:
     world_size: int = 1
     grad_scaler: Any = None
     step: int = 0  # optimizer steps completed
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more trainer_state.json keys (the LoRA base)
+    adapter_only: bool = False  # LoRA: model.safetensors holds the adapter, not the frozen base
 
     @property
     def epoch(self) -> int:
@@ -175,7 +177,10 @@ class TrainState:
         states = {"ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict()}
         if is_sharded(self.model):
             states = {name: gather_full(s, keep=keep) for name, s in states.items()}
-        return {"model": full_model_state(self.model, keep=keep), **states}
+        model = full_model_state(self.model, keep=keep)
+        if self.adapter_only and model is not None:
+            model = {k: v for k, v in model.items() if is_adapter_key(k)}
+        return {"model": model, **states}
 
     def write(
         self, directory: Path, ranks: list[dict[str, Any]], full: dict[str, Any] | None = None
@@ -255,10 +260,12 @@ class TrainState:
 
     def _load_full(self, files: ListedFiles) -> None:
         # full tensors; a sharded model keeps this rank's slices
-        model_shapes = {k: v.shape for k, v in self.model.state_dict().items()}
-        weights = read_weights(files, MODEL_FILE, model_shapes)
+        weights = read_weights(files, MODEL_FILE, model_shapes(self.model, self.adapter_only))
         with reading(files.path(MODEL_FILE)):
-            load_full_model_state(self.model, weights)
+            if self.adapter_only:  # the frozen base came from load_from
+                self.model.load_state_dict(weights, strict=False)
+            else:
+                load_full_model_state(self.model, weights)
         ema_shapes = {k: v.shape for k, v in self.ema.state_dict().items()}
         ema = read_weights(files, EMA_FILE, ema_shapes)
         with reading(files.path(EMA_FILE)):
@@ -286,18 +293,26 @@ class TrainState:
         count(path, state, "batches_done", 0, len(self.sampler))
 
 
-def load_transformer_weights(directory: Path, model: torch.nn.Module, ema: bool = False) -> None:
+def load_transformer_weights(
+    directory: Path, model: torch.nn.Module, ema: bool = False, adapter_only: bool = False
+) -> None:
     """Load a checkpoint's model (or EMA) weights into ``model`` for sampling.
 
-    EMA files hold the trainable parameters only, so they may cover a subset of the model.
+    EMA files hold the trainable parameters only, so they may cover a subset of the model; a
+    LoRA checkpoint (``adapter_only``) holds the adapter, loaded on top of the base in ``model``.
     """
     files = listed_files(directory)
     require_full_layout(files)
     name = EMA_FILE if ema else MODEL_FILE
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    weights = read_weights(files, name, shapes, partial=ema)
+    weights = read_weights(files, name, model_shapes(model, adapter_only), partial=ema)
     with reading(files.path(name)):
-        model.load_state_dict(weights, strict=not ema)
+        model.load_state_dict(weights, strict=not (ema or adapter_only))
+
+
+def model_shapes(model: torch.nn.Module, adapter_only: bool) -> dict[str, torch.Size]:
+    """The shapes of what a checkpoint's model file holds for ``model``."""
+    state = model.state_dict()
+    return {k: v.shape for k, v in state.items() if not adapter_only or is_adapter_key(k)}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
