@@ -79,7 +79,7 @@ def lora_run(runs) -> Path:
 
 def test_config_checks_and_targets_name_what_exists() -> None:
     for bad, words in (
-        (["--lora.rank=4"], "load_from is empty"),
+        (["--lora.rank=4"], "neither model.pretrained nor load_from"),
         (["--lora.rank=4", "--load_from=x", "--train.fsdp=true"], "train.fsdp=true"),
         (["--lora.rank=-1"], "lora.rank"),
         (["--lora.dropout=1.5"], "lora.dropout"),

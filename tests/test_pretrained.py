@@ -344,3 +344,23 @@ def test_the_cli_refuses_a_disagreeing_key_in_one_line(pipe: Path, tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: model.num_layers=4 ")
     assert "num_layers=2" in err[0] and not work.exists()
+
+
+def test_lora_on_a_released_sharded_pipeline_trains_and_samples(pipe: Path, tmp_path: Path) -> None:
+    from sanakit.inference import load_for_inference
+    from sanakit.models.base_identity import identify_base
+    from sanakit.models.transformer import find_weight_files
+
+    assert len(find_weight_files(pipe)[1]) > 1  # the released base is sharded
+    work = tmp_path / "lora"
+    train_quick(pipe, work, "--lora.rank=2", "--train.max_steps=2", "--train.save_model_steps=2")
+    ckpt = work / "checkpoints/step_00000002"
+    trainer = json.loads((ckpt / "trainer_state.json").read_text())
+    base = identify_base(pipe / "transformer")
+    assert trainer["base_model"] == base.to_dict() and base.path == str(pipe / "transformer")
+    saved = load_file(ckpt / "model.safetensors")
+    assert saved and all("lora" in k for k in saved)  # the adapter only, never the base
+    model = load_for_inference(ckpt).models.transformer  # base + adapter, by itself
+    released = SanaTransformer2DModel.from_pretrained(pipe / "transformer").state_dict()
+    mine = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    assert all(torch.equal(mine[k], v) for k, v in released.items())

@@ -138,10 +138,11 @@ def _check_lora(cfg: Config) -> None:
             'lora.target_modules is empty or holds an empty name; set --lora.target_modules="'
             '[to_q,to_k,to_v]" or leave the default'
         )
-    if not cfg.load_from:
+    if not (cfg.load_from or cfg.model.pretrained):
         raise ConfigError(
-            f"lora.rank={lora.rank} trains an adapter on a base model, but load_from is empty; "
-            "set --load_from=BASE (a sanakit checkpoint or work dir, or a diffusers folder)"
+            f"lora.rank={lora.rank} trains an adapter on a base model, but neither "
+            "model.pretrained nor load_from names one; set --model.pretrained=PIPELINE_OR_REPO "
+            "or --load_from=BASE (a sanakit checkpoint or work dir, or a diffusers folder)"
         )
     if cfg.train.fsdp:
         raise ConfigError(

@@ -15,7 +15,7 @@ from typing import Any
 
 from sanakit.errors import CheckpointError
 from sanakit.models.fingerprint import hash_files
-from sanakit.models.transformer import find_weights
+from sanakit.models.transformer import find_weight_files
 
 
 class BaseMismatch(CheckpointError):
@@ -53,8 +53,8 @@ def identify_base(path: str | Path) -> BaseIdentity:
     """The identity of the base model at ``path`` (a load_from value)."""
     # a work dir means its newest checkpoint: the recorded path is that checkpoint's file, so it
     # keeps naming the same weights when the base run goes on
-    weights = find_weights(path)
-    return identity_of_files(weights, [weights])
+    name, files = find_weight_files(path)  # a sharded folder is named by the folder
+    return identity_of_files(name, files)
 
 
 def check_same_base(recorded: BaseIdentity, current: BaseIdentity, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,17 +112,50 @@ def find_weights(path: str | Path) -> Path:
     return found
 
 
+SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"  # diffusers' sharded weights
+
+
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files a diffusers index names (each a plain file name beside the index)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise CheckpointError(
+            f"{index} is not a readable diffusers shard index; restore the folder"
+        ) from None
+    files = [index.parent / n for n in names if isinstance(n, str) and Path(n).name == n]
+    if not files or len(files) != len(names) or not all(f.is_file() for f in files):
+        raise CheckpointError(f"{index} names shard files that are not there; restore the folder")
+    return files
+
+
+def find_weight_files(path: str | Path) -> tuple[Path, list[Path]]:
+    """What ``load_from`` (or a LoRA base) names, and its safetensors files: several for a
+    sharded diffusers transformer or pipeline folder (by its index), else the one file."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = resolve_checkpoint(path)
+    for folder in (path, path / "transformer"):
+        if (folder / SHARD_INDEX).is_file():
+            return folder, _shards_of(folder / SHARD_INDEX)
+    found = find_weights(path)
+    return found, [found]
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> LoadedWeights:
     """Load weights only (fine-tuning) from a sanakit checkpoint or work dir, a diffusers folder,
     a ``.safetensors`` file or an NVlabs/Sana trainer ``.pth``. Shapes must match exactly."""
     path = Path(path)
     if path.is_file() and path.suffix in TORCH_SUFFIXES:
         return load_nvlabs_weights(model, path)
-    found = find_weights(path)
-    try:
-        state = load_file(str(found))
-    except Exception as err:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"load_from weights {found} cannot be read ({err})") from None
+    found, files = find_weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except Exception as err:  # safetensors raises several types for corrupt files
+            raise CheckpointError(f"load_from weights {file} cannot be read ({err})") from None
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]

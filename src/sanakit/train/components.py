@@ -18,7 +18,7 @@ from sanakit.errors import ConfigError
 from sanakit.models.autoencoder import build_autoencoder
 from sanakit.models.base_identity import identify_base
 from sanakit.models.lora import add_lora, lora_alpha
-from sanakit.models.pretrained import base_identity, load_pretrained_weights
+from sanakit.models.pretrained import base_identity, load_pretrained_weights, locate_pretrained
 from sanakit.models.text import build_text_encoder
 from sanakit.models.text.null_embedding import NullEmbedding
 from sanakit.models.transformer import LoadedWeights, build_transformer, load_weights
@@ -149,9 +149,10 @@ def initial_weights(cfg: Config, model: torch.nn.Module) -> LoadedWeights | None
 
 
 def add_adapter(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the base named by load_from, freeze it and add the LoRA adapter; returns what
-    trainer_state.json records (the base's identity, the adapter's settings)."""
-    base = identify_base(cfg.load_from)
+    """Load the base (``load_from``, else ``model.pretrained``'s transformer), freeze it and add
+    the LoRA adapter; returns what trainer_state.json records (base identity, adapter settings)."""
+    spec = cfg.load_from or str(locate_pretrained(cfg.model.pretrained).transformer_dir)
+    base = identify_base(spec)
     load_weights(model, base.path)
     torch.manual_seed(cfg.seed)  # reproducible adapter initialisation
     trainable = add_lora(model, cfg.lora)
