@@ -345,9 +345,10 @@ def test_shapes_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
     class FakeShapes:
-        def __init__(self, image_size: int, seed: int) -> None:
-            seen.update(image_size=image_size, seed=seed)
+        def __init__(self, image_size: int, seed: int, exclude_colors: tuple = ()) -> None:
+            seen.update(image_size=image_size, seed=seed, exclude_colors=exclude_colors)
 
     monkeypatch.setattr(dataset_module, "ShapesDataset", FakeShapes)
     ds = index_dataset(SimpleNamespace(type="shapes", data_dir=[]), 24, seed=5)
-    assert isinstance(ds, FakeShapes) and seen == {"image_size": 24, "seed": 5}
+    assert isinstance(ds, FakeShapes)
+    assert seen == {"image_size": 24, "seed": 5, "exclude_colors": ()}
