@@ -101,9 +101,19 @@ def run_launched(launcher: list[str], *args: str, timeout: float = 300):
     )
 
 
-def start_sanakit(*args: str, launcher: list[str] | None = None) -> subprocess.Popen:
-    """A running ``sanakit ARGS`` (plain or under a launcher) whose output is captured."""
+def start_sanakit(
+    *args: str, launcher: list[str] | None = None, output: Path | None = None
+) -> subprocess.Popen:
+    """A running ``sanakit ARGS`` (plain or under a launcher) whose output is captured.
+
+    Captured in pipes that only ``communicate()`` drains: a run nobody reads for long (one log
+    line per step) fills the pipe and blocks in ``write``, so such tests pass ``output``, a file
+    that takes stdout and stderr instead.
+    """
     prefix = [*launcher, "-m", "sanakit"] if launcher else [sys.executable, "-m", "sanakit"]
+    if output is not None:
+        with open(output, "ab") as sink:  # the child keeps its own descriptor
+            return subprocess.Popen([*prefix, *args], stdout=sink, stderr=sink, env=cli_env())
     return subprocess.Popen(
         [*prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
     )

@@ -108,9 +108,10 @@ def test_overwrite_replaces_only_an_earlier_export(run: Path, tmp_path: Path) ->
     first = run_sanakit("export", str(run), str(out))
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((out / "sanakit.json").read_text())["format"] == "sanakit-export"
+    (out / "stray.txt").write_text("from the earlier export's folder")
     again = run_sanakit("export", str(run), str(out), "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (out / "transformer").is_dir()
+    assert (out / "transformer").is_dir() and not (out / "stray.txt").exists()  # replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "fake", "notes", "w"]
 
 

@@ -302,6 +302,7 @@ def test_the_step_increases_while_a_run_trains(site: Site, browser: Browser) -> 
     trainer = start_sanakit(
         "train", f"--work_dir={site.work}", *more, "--train.max_steps=100000",
         "--train.visualize=false", "--train.save_model_steps=100000",
+        output=site.work.parent / "trainer.log",  # read by no one until it is killed
     )  # fmt: skip
     try:
         expect(status).to_contain_text("/ 100000", timeout=120_000)  # its config is written
