@@ -53,6 +53,7 @@ def measure(mode: str, steps: int, rank: int, batch: int) -> dict:
         add_lora(model, cfg.lora)
     optimizer = build_optimizer(cfg, model)
     ema = EMA(model, 0.99)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     x, text = torch.randn(batch, 3, 32, 32), torch.randn(batch, 16, 384)
     t, target = torch.full((batch,), 500.0), torch.randn(batch, 3, 32, 32)
     times = []
@@ -62,7 +63,7 @@ def measure(mode: str, steps: int, rank: int, batch: int) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        ema.update(trainable)
         if i >= 2:
             times.append(time.perf_counter() - start)
     state = adapter_state(model) if mode == "lora" else model.state_dict()

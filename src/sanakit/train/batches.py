@@ -43,8 +43,12 @@ class GlobalDraws:
     noise: torch.Tensor
     drop_draws: torch.Tensor
 
-    def share(self, positions: torch.Tensor, device: torch.device) -> GlobalDraws:
+    def share(self, positions: torch.Tensor | None, device: torch.device) -> GlobalDraws:
+        """The draws at ``positions`` (None: all of them), noise on ``device``."""
         # non_blocking: a blocking host-to-GPU copy waits for the queued work (a sync per step)
+        if positions is None:
+            noise = self.noise.to(device, non_blocking=True)
+            return GlobalDraws(self.sigmas, noise, self.drop_draws)
         noise = self.noise[positions].to(device, non_blocking=True)
         return GlobalDraws(self.sigmas[positions], noise, self.drop_draws[positions])
 
@@ -121,8 +125,11 @@ class EpochBatches:
             self.bad += len(positions)
             return self._stand_in(latent) if self.sampler.world_size > 1 else None
         self.bad += batch["num_bad"]
-        positions = positions[torch.as_tensor(batch["kept"], dtype=torch.long)]
-        mine = draws.share(positions, self.device)
+        if len(batch["kept"]) == global_size:  # one process, every sample read: all of it
+            mine = draws.share(None, self.device)
+        else:
+            positions = positions[torch.as_tensor(batch["kept"], dtype=torch.long)]
+            mine = draws.share(positions, self.device)
         return MicroBatch(
             batch["pixels"], batch["captions"], mine.sigmas, mine.noise, mine.drop_draws,
             found_text=batch.get("found_text"),

@@ -107,8 +107,13 @@ class Metrics:
         self.extras: dict[int, dict] = {}  # more fields for some steps' rows (held-out losses)
         self.per_sigma: list[tuple[torch.Tensor, torch.Tensor]] = []  # binned at log time
         self.dropped = self.seen = 0
+        # redrawn at most twice a second: at tqdm's default 10 Hz a ~0.1 s step paid a redraw
         self.progress = tqdm(
-            total=cfg.train.max_steps, initial=state.step, disable=not is_main, dynamic_ncols=True
+            total=cfg.train.max_steps,
+            initial=state.step,
+            disable=not is_main,
+            dynamic_ncols=True,
+            mininterval=0.5,
         )
 
     def record(self, outcome: StepOutcome, extra: dict | None = None) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -127,14 +128,39 @@ def no_gradient_sync(accelerator: Any, model: torch.nn.Module) -> Iterator[None]
         model.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm(accelerator: Any, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip to ``max_norm`` by the global gradient norm; returns that norm (a plain tensor)."""
+def clip_grad_norm(
+    accelerator: Any,
+    model: torch.nn.Module,
+    max_norm: float,
+    trainable: list[torch.nn.Parameter] | None = None,
+) -> torch.Tensor:
+    """Clip to ``max_norm`` by the global gradient norm; returns that norm (a plain tensor).
+
+    ``trainable``: the model's parameters that get gradients, listed once by the caller (an
+    unsharded model's only; frozen ones have no gradient to count).
+    """
     if not is_sharded(model):
-        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        # what accelerate's clip_grad_norm_ ends in for one process or DDP, without its walk
+        # over every parameter on each call: unscale (fp16 loss scaling only), then torch's clip
+        accelerator.unscale_gradients()
+        params = trainable if trainable is not None else list(model.parameters())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     # torch's clip sums the squared shard norms over the mesh (DTensor ops): the norm of the
     # full gradient, returned replicated
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def stepping_optimizer(accelerator: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """The optimizer to call ``step``/``zero_grad`` on each step.
+
+    Accelerate's wrapper adds fp16 loss scaling (and XLA's all-reduce) to them and otherwise
+    calls the torch optimizer, after looking up an optional package on every call; without a
+    scaler, off XLA, the torch optimizer itself does the same step.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    plain = accelerator.scaler is None and accelerator.distributed_type != DistributedType.XLA
+    return inner if plain and isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 @torch.no_grad()

@@ -118,11 +118,20 @@ class EMA:
         self.rate = rate
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shadow = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+        self._plain: bool | None = None  # set at the first update
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, trainable: list[torch.Tensor]) -> None:
+        """Move the shadows towards ``trainable``: the model's parameters that train, in order."""
+        if self._plain is None:  # fp32, unsharded: lerp from the parameters as they are
+            self._plain = all(
+                p.dtype == torch.float32 and local(p) is p for p in trainable
+            )  # fmt: skip
+        if self._plain:
+            torch._foreach_lerp_(self.shadow, trainable, 1.0 - self.rate)
+            return
         # on local shards: elementwise, so exactly what the full tensors would give
-        params = [local(p.detach()).float() for p in model.parameters() if p.requires_grad]
+        params = [local(p.detach()).float() for p in trainable]
         torch._foreach_lerp_([local(s) for s in self.shadow], params, 1.0 - self.rate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

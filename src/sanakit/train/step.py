@@ -44,13 +44,15 @@ class Stepper:
         accelerator: Accelerator,
         state: TrainState,
         wrapped: torch.nn.Module,  # DDP wrapper, or the (FSDP-sharded) model itself
-        optimizer: torch.optim.Optimizer,  # as prepared by accelerate
+        optimizer: torch.optim.Optimizer,  # as prepared by accelerate (or FSDP's own)
         encoders: Any,  # components.Encoders: latents + captions
         timers: Timers,
         keep_per_sigma: bool,
     ) -> None:
         self.cfg, self.accelerator, self.state, self.wrapped = cfg, accelerator, state, wrapped
-        self.optimizer = optimizer
+        self.optimizer = parallel.stepping_optimizer(accelerator, optimizer)
+        # listed once: clipping and the EMA go over these every step
+        self.trainable = [p for p in state.model.parameters() if p.requires_grad]
         self.encoders, self.timers, self.keep_per_sigma = encoders, timers, keep_per_sigma
         self.accum = cfg.train.gradient_accumulation_steps
         self.amp = autocast_dtype(cfg, accelerator.device)
@@ -98,11 +100,13 @@ class Stepper:
     def _optimizer_step(self) -> StepOutcome:
         state = self.state
         clip = self.cfg.train.gradient_clip
-        self.pending.grad_norm = parallel.clip_grad_norm(self.accelerator, self.wrapped, clip)
+        self.pending.grad_norm = parallel.clip_grad_norm(
+            self.accelerator, self.wrapped, clip, self.trainable
+        )
         self.optimizer.step()
         state.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        state.ema.update(state.model)
+        state.ema.update(self.trainable)
         state.step += 1
         done, self.pending, self.micro = self.pending, self._fresh(), 0
         return done
