@@ -33,15 +33,22 @@ CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green triangle f
 
 
 class Counting:
-    """Wraps a real encoder/autoencoder and counts its encode calls (and rows encoded)."""
+    """Wraps a real encoder/autoencoder and counts its encode calls (and rows encoded);
+    ``trimmed`` counts those that went through a text encoder's ``encode_trimmed``."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.calls, self.rows = inner, 0, 0
+        self.inner, self.calls, self.rows, self.trimmed = inner, 0, 0, 0
 
     def encode(self, x):
         self.calls += 1
         self.rows += len(x)
         return self.inner.encode(x)
+
+    def encode_trimmed(self, x):
+        self.calls += 1
+        self.rows += len(x)
+        self.trimmed += 1
+        return self.inner.encode_trimmed(x)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

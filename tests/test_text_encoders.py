@@ -262,6 +262,36 @@ def test_gemma_truncation_warns_once(gemma_parts, caplog: pytest.LogCaptureFixtu
     assert len(records) == 1 and "1 of 4 prompts" in records[0].getMessage()
 
 
+def test_gemma_trimmed_runs_over_the_longest_prompt_unless_an_instruction_is_kept(
+    gemma_parts, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, tok = gemma_parts
+    plain = GemmaEncoder(model=model, tokenizer=tok, max_length=16)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda ids, **kw: calls.append((ids.shape[1], kw)) or forward(ids, **kw)
+    )
+    prompts = ["A cat", "", "  a CAT  "]  # lower-cased and stripped as encode does
+    full, full_mask = plain.encode(prompts)
+    embeds, mask = plain.encode_trimmed(prompts)
+    n = int(mask.sum(1).max())
+    assert n < 16 and [c[0] for c in calls] == [16, n]  # the model saw n positions only
+    assert calls[1][1]["use_cache"] is False  # Gemma's own forward
+    assert torch.equal(mask, full_mask) and embeds.shape == full.shape
+    assert (embeds[mask == 0] == 0).all() and (full[:, n:] != 0).any()
+    assert (embeds - full)[mask == 1].abs().max() < 1e-5
+    with caplog.at_level(logging.WARNING, logger=TEXT_LOGGER):
+        plain.encode_trimmed(GEMMA_PROMPTS)
+    (record,) = [r for r in caplog.records if r.name == TEXT_LOGGER]
+    assert "1 of 4 prompts" in record.getMessage()
+
+    # with an instruction, BOS + the last L-1 positions depend on the padding: full length
+    chi = GemmaEncoder(model=model, tokenizer=tok, max_length=16, instruction=SHORT_CHI)
+    for got, want in zip(chi.encode_trimmed(GEMMA_PROMPTS), chi.encode(GEMMA_PROMPTS), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_gemma_fingerprint(gemma_parts) -> None:
     model, tok = _gemma_model(seed=1), gemma_parts[1]
 

@@ -3,12 +3,15 @@
 The text encoder is deterministic for a fixed config, so a caption seen before is never encoded
 again. A caption's embedding must not depend on where a run resumed or which captions shared a
 batch with it, or a resumed run would drift in the last bits. So the dataset's captions are cut
-into fixed chunks (:class:`CaptionChunks`: the distinct captions sorted, ``CHUNK`` at a time)
-and a dataset caption is always encoded as its row of its chunk's batch: by :meth:`prefill`
-before step 1 (one batched pass over every chunk with a caption missing from the cache), and by
-the rare miss later (a damaged entry, ``cache_mode=off`` beyond the memo), which encodes its
-whole chunk again and gets the same bits. Any other prompt (validation, sampling) is encoded
-alone. Caption dropout happens after this, at step time.
+into fixed chunks (:class:`CaptionChunks`: the distinct captions ordered by length, then text,
+``CHUNK`` at a time) and a dataset caption is always encoded as its row of its chunk's batch: by
+:meth:`prefill` before step 1 (one batched pass over every chunk with a caption missing from the
+cache), and by the rare miss later (a damaged entry, ``cache_mode=off`` beyond the memo), which
+encodes its whole chunk again and gets the same bits. A chunk is encoded trimmed
+(``encode_trimmed``: the model runs only over the chunk's longest caption, padding rows are
+zeros), which ordering by length keeps close to each caption's own length; ``BATCHING`` names
+this scheme in every cache key. Any other prompt (validation, sampling) is encoded alone, at
+full length. Caption dropout happens after this, at step time.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ from sanakit.embeddings.store import EntryStatus
 log = logging.getLogger("sanakit")
 _MEMO_BYTES = 512 * 1024 * 1024  # a 300-token Gemma embedding is ~1.4 MB: bound bytes too
 CHUNK = 64  # captions per batched encode; part of what determines every cached embedding
+#: how a chunk's rows are made; in every text-cache key, so a change makes old entries stale
+BATCHING = f"chunks-{CHUNK}-by-length-trimmed"
 Row = tuple[torch.Tensor, torch.Tensor]
 
 
 class CaptionChunks:
-    """The dataset's distinct captions, sorted and cut into fixed batches of ``size``."""
+    """The dataset's distinct captions, ordered by (length, text) and cut into fixed batches
+    of ``size``: the same chunks whatever order the captions come in."""
 
     def __init__(self, captions: Iterable[str], size: int = CHUNK) -> None:
-        self.ordered = sorted(set(captions))
+        # similar lengths share a chunk, so its longest caption pads the others little
+        self.ordered = sorted(set(captions), key=lambda c: (len(c), c))
         self.size = size
         self.index = {c: i for i, c in enumerate(self.ordered)}
 
@@ -79,7 +86,9 @@ class CaptionEncoder:
         return self.encoder
 
     def _encode_chunk(self, captions: list[str]) -> dict[str, Row]:
-        embeds, mask = self._encoder().encode(captions)
+        encoder = self._encoder()
+        # trimmed to the chunk's longest caption; an encoder with only `encode` runs full length
+        embeds, mask = getattr(encoder, "encode_trimmed", encoder.encode)(captions)
         return {c: (embeds[i], mask[i]) for i, c in enumerate(captions)}
 
     def _one(self, caption: str) -> Row:

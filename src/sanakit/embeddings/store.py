@@ -12,7 +12,8 @@ Layout under the cache root (``train.cache_dir``, default ``{work_dir}/cache``):
 
 The file name says *what went in* (a caption, an image's bytes and crop, an exact pixel tensor);
 the provenance key in the safetensors metadata adds *what it went through*: the text encoder's
-fingerprint, max length, instruction hash and dtype, or the autoencoder's fingerprint and dtype.
+fingerprint, max length, instruction hash and dtype and how captions were batched, or the
+autoencoder's fingerprint and dtype.
 A flipped or re-cropped image is simply another entry, and a cache never depends on the step or
 the batch an entry was first seen in (diffusers #14430). An entry whose key differs (another
 encoder, max length, autoencoder...) is *stale*; one that is empty, truncated, unreadable or

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sanakit.config import Config
+from sanakit.embeddings.captions import BATCHING
 from sanakit.embeddings.store import EntryCache, EntryStatus, Inspection, cache_root
 from sanakit.io.artifacts import Tensors
 
@@ -16,8 +17,12 @@ from sanakit.io.artifacts import Tensors
 class TextEmbeddingCache(EntryCache):
     """Caption -> ``(embeds [L, D], mask [L])`` of one text encoder, on disk.
 
-    Misses are encoded one caption per call, exactly as ``CaptionEncoder``
-    does without a cache, so cached and fresh values are the same bits.
+    A file dataset's captions are stored as rows of their fixed chunk (``CaptionEncoder``,
+    ``BATCHING``: chunks by length, the model run over the chunk's longest caption, zeros at
+    padding); any other caption (images made in memory: :meth:`get`; validation prompts) is
+    encoded alone at full length. A caption of a run always goes the same way, so cached and
+    fresh values are the same bits; the key records ``BATCHING``, so entries written under
+    another scheme are stale (rebuilt), never mixed in.
     """
 
     what = "text-embedding cache"
@@ -28,7 +33,7 @@ class TextEmbeddingCache(EntryCache):
         self.encoder = encoder
         provenance = dict(encoder.provenance())  # fingerprints hash weights: compute once
         provenance.pop("sanakit_version", None)  # a release does not change the embeddings
-        self.identity = provenance
+        self.identity = {**provenance, "batching": BATCHING}  # how the stored rows were made
         self.shape = (int(encoder.max_length), int(encoder.hidden_size))
         self.dtype = encoder.dtype
 

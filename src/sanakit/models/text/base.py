@@ -281,6 +281,33 @@ class PretrainedTextEncoder(TextEncoder):
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return self._encode_plain(prompts)
 
+    @torch.no_grad()
+    def encode_trimmed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`encode` with the model run only over the longest prompt's tokens.
+
+        Tokenized exactly as :meth:`encode` (to L, right padded, truncated, the same warning);
+        the model then sees ``ids[:, :n]``, ``n`` the longest prompt's token count, and the
+        ``[B, L, D]`` embeds hold zeros wherever the ``[B, L]`` mask (the full-length one) is 0.
+        The cache's caption chunks use it: padding to L costs compute and changes nothing.
+
+        Exact for what consumes it: a real token attends to real tokens only, so its row equals
+        the full-length one up to float rounding of differently shaped products (a fixed chunk
+        always gets the same bits); a padded row never reaches the Sana transformer's output,
+        which turns the mask into a -10000 additive attention bias and otherwise acts per
+        position. Encoders whose kept positions depend on the padding (Gemma with an
+        instruction) return :meth:`encode` instead.
+        """
+        texts = self.preprocess(self._check_prompts(prompts))
+        if not texts:
+            return self._empty()
+        ids, mask = self._tokenize(texts, self.max_length)
+        n = max(int(mask.sum(1).max()), 1)  # masks are prefixes of ones; a forward needs one
+        embeds = self._forward(ids[:, :n], mask[:, :n])
+        mask = mask.to(self.device)
+        # zeros, not the model's output on pad tokens: the stored rows carry nothing unused
+        embeds = embeds.masked_fill(mask[:, :n, None] == 0, 0)
+        return torch.nn.functional.pad(embeds, (0, 0, 0, self.max_length - n)), mask
+
     def encode_negative(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return self._encode_plain(prompts)
 

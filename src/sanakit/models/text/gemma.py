@@ -101,3 +101,11 @@ class GemmaEncoder(PretrainedTextEncoder):
         # BOS plus the last L-1 positions: the instruction body is dropped, its context remains.
         select = [0, *range(self._chi_length - self.max_length + 1, self._chi_length)]
         return embeds[:, select], mask[:, select].to(self.device)
+
+    def encode_trimmed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Trimmed as the base class does, except with an instruction: then the full-length
+        :meth:`encode`, because which positions are kept (BOS + the last L-1) depends on the
+        padding."""
+        if self._chi_prompt is not None:
+            return self.encode(prompts)
+        return super().encode_trimmed(prompts)
