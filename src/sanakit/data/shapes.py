@@ -114,7 +114,9 @@ def _masks(shape: str, draws: list[_Draw], image_size: int) -> np.ndarray:
     for k in range(3):  # inside = on the positive side of all three edges (y points down)
         x0, y0 = (_column([d.verts[k][j] for d in draws], np.float64) for j in (0, 1))
         x1, y1 = (_column([d.verts[(k + 1) % 3][j] for d in draws], np.float64) for j in (0, 1))
-        mask &= (x1 - x0) * (y - y0) - (y1 - y0) * (x - x0) >= 0
+        # a - b >= 0 exactly when a >= b for finite doubles (a rounded difference keeps its
+        # sign), so the [B, n, n] difference is never made: one comparison of the two factors
+        mask &= (x1 - x0) * (y - y0) >= (y1 - y0) * (x - x0)
     return mask
 
 
@@ -133,21 +135,20 @@ def _box_downsample(mask: np.ndarray, image_size: int) -> np.ndarray:
 
 def _paint(draws: list[_Draw], image_size: int) -> np.ndarray:
     """uint8 [B, H, W, 3] images of ``draws`` (anti-aliased by box-downsampling 4x masks)."""
-    out = np.empty((len(draws), image_size, image_size, 3), dtype=np.uint8)
+    alpha = np.empty((len(draws), image_size, image_size), dtype=np.float32)
     n = image_size * _SUPERSAMPLE
     chunk = max(1, _MAX_GRID_VALUES // (n * n))  # bounds the float64 triangle temporaries
     for shape in SHAPES:
         where = [i for i, d in enumerate(draws) if d.shape == shape]
         for start in range(0, len(where), chunk):
             part = where[start : start + chunk]
-            group = [draws[i] for i in part]
-            mask = _masks(shape, group, image_size)
-            alpha = _box_downsample(mask, image_size)[..., None]
-            bg = _column([np.float32(d.bg) for d in group], np.float32)[..., None]
-            fg = np.array([COLOURS[d.colour] for d in group], dtype=np.float32)[:, None, None, :]
-            img = bg + alpha * (fg - bg)
-            out[part] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return out
+            mask = _masks(shape, [draws[i] for i in part], image_size)
+            alpha[part] = _box_downsample(mask, image_size)
+    # elementwise, so one pass over the whole batch gives each image's own bits
+    bg = _column([np.float32(d.bg) for d in draws], np.float32)[..., None]
+    fg = np.array([COLOURS[d.colour] for d in draws], dtype=np.float32)[:, None, None, :]
+    img = bg + alpha[..., None] * (fg - bg)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def render(colour: str, shape: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
