@@ -129,6 +129,11 @@ def folder_results(quick: bool) -> dict:
     return out
 
 
+def sig(value: float) -> float:
+    """Four significant figures: keeps a 3.9e-06 difference that rounding to 4 places made 0."""
+    return float(f"{value:.4g}")
+
+
 def fmt_goal(key: str, value: float) -> str:
     goal = GOALS.get(key)
     if goal is None:
@@ -184,7 +189,7 @@ def print_report(info: dict, train: dict, sample: dict, cold: dict, rss: dict, r
     for key, s in ratios.items():
         lo, hi = s.get("min", float("nan")), s.get("max", float("nan"))
         print(
-            f"{key:<26} {s['median']:>7.3f} {lo:>7.3f} {hi:>7.3f} {s.get('n', '-'):>2}  "
+            f"{key:<26} {s['median']:>7.4g} {lo:>7.4g} {hi:>7.4g} {s.get('n', '-'):>2}  "
             f"{fmt_goal(key, s['median'])}"
         )
 
@@ -213,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios.update(folder_results(opts.quick))
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print_report(info, train, sample, cold, rss, ratios)
-    summary: dict = {k: round(v["median"], 4) for k, v in ratios.items()}
+    summary: dict = {k: sig(v["median"]) for k, v in ratios.items()}
     summary["spread"] = {
-        k: [round(v["min"], 4), round(v["max"], 4), v["n"]] for k, v in ratios.items() if "n" in v
+        k: [sig(v["min"]), sig(v["max"]), v["n"]] for k, v in ratios.items() if "n" in v
     }
     summary["cold_sample_s"] = {
         k: round(cold[k], 3) for k in ("imports_s", "load_s", "sample_s", "to_png_s")
