@@ -53,8 +53,8 @@ def test_split_is_seeded_disjoint_and_keeps_training_out(tmp_path):
     set_epoch(split.train, 3)  # reaches the dataset under both Subsets
 
 
-def folder(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
+def folder(root: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     for i in range(n):
         Image.fromarray(render("red", "circle", 32, rng)).save(root / f"{i}.png")
@@ -274,3 +274,54 @@ def test_a_resumed_run_computes_the_same_heldout_losses(trained, tmp_path):
         for w in (full, part)
     ]
     assert trend[0] == trend[1] and set(trend[0]) == {"model", "ema"}
+
+
+def test_a_cached_val_dir_is_evaluated_with_the_encoders_released(tmp_path, caplog):
+    """`cache build` fills a val_dir's entries; training then frees the encoders, and the
+    evaluations read the held-out files by their bytes, as training reads its own: no decode
+    and no reload of the autoencoder (the pixel-keyed path reloaded it at the first one)."""
+    from sanakit.embeddings.commands import build_caches, open_caches, verify_caches
+    from sanakit.models.tiny import make_tiny_autoencoder
+    from sanakit.train.loop import train
+
+    train_dir, val_dir = folder(tmp_path / "train", 6), folder(tmp_path / "val", 3, seed=1)
+    (val_dir / "0.txt").write_text("a blue square")  # a caption training never encodes
+    vae = make_tiny_autoencoder("dc-ae", tmp_path / "dcae")
+    cfg_args = [
+        f"--work_dir={tmp_path / 'work'}", *FAST, *HELD, "--data.type=image_folder",
+        f"--data.data_dir=[{train_dir}]", "--data.val_split=0", "--vae.type=dc-ae",
+        f"--vae.name_or_path={vae}", "--model.image_size=32", "--train.max_steps=2",
+        "--train.train_batch_size=3", f"--train.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cfg = load_config(None, [*cfg_args, f"--data.val_dir={val_dir}"])
+    built = build_caches(open_caches(cfg, "readwrite"), progress=False)
+    assert built["heldout"] == {"samples": 3, "captions_alone": 1, "images": 3, "unreadable": 0}
+    sections, _ = verify_caches(open_caches(cfg, "read"), progress=False)
+    assert [(s.total, s.problems()) for s in sections] == [(2, 0), (9, 0)]
+    log, before = logging.getLogger("sanakit"), list(logging.getLogger("sanakit").handlers)
+    try:
+        with caplog.at_level(logging.INFO, logger="sanakit"):
+            train(cfg)
+    finally:
+        for handler in [h for h in log.handlers if h not in before]:
+            log.removeHandler(handler)
+            handler.close()
+    assert "released the text encoder and the autoencoder's encoder" in caplog.text
+    assert "reloading" not in caplog.text
+    rows = [json.loads(r) for r in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if np.isfinite(r.get("heldout_loss", np.nan))] == [2]
+    # a val_dir the cache lacks keeps the encoders: evaluation will need them
+    other = folder(tmp_path / "val2", 2, seed=2)
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="sanakit"):
+            train(
+                load_config(
+                    None, [*cfg_args, f"--data.val_dir={other}", f"--work_dir={tmp_path / 'w2'}"]
+                )
+            )
+    finally:
+        for handler in [h for h in log.handlers if h not in before]:
+            log.removeHandler(handler)
+            handler.close()
+    assert "held-out loss" in caplog.text and "released" not in caplog.text

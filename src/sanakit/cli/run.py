@@ -92,6 +92,13 @@ def cmd_cache(args: list[str]) -> int:
                 f"{latents['computed']} computed ({latents['invalid']} replaced invalid "
                 f"entries), {latents['read']} already valid"
             )
+        held = r["heldout"]
+        if held is not None:  # its entries are in the counts above
+            print(
+                f"held-out set (data.val_dir): {held['samples']} samples ({held['unreadable']} "
+                f"unreadable), {held['captions_alone']} captions outside the training ones, "
+                f"{held['images']} images"
+            )
         print(f"done in {r['seconds']:.1f}s")
         return 0
     sections, unreadable = verify_caches(open_caches(cfg, "read"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from sanakit.config import Config
 from sanakit.data.dataset import build_dataset
+from sanakit.data.split import split_heldout
 from sanakit.embeddings.captions import CaptionChunks, CaptionEncoder
 from sanakit.embeddings.latents import LatentCache, pixel_variants
 from sanakit.embeddings.loader import (
@@ -49,6 +50,7 @@ class CacheParts:
     dataset: Any  # the training dataset, resized into buckets as training does
     sources: SourceIndex  # file digests (latents of files are keyed by their bytes)
     num_workers: int = 0  # DataLoader workers decoding images
+    heldout: Any = None  # a data.val_dir held-out set (files, never flipped), read by evaluation
 
     @property
     def root(self) -> Path:
@@ -185,6 +187,23 @@ def _build_memory_latents(parts: CacheParts, flips: bool, progress: bool) -> tup
     return images, unreadable
 
 
+def _build_heldout(parts: CacheParts, progress: bool) -> dict | None:
+    """The ``data.val_dir`` set's entries, made the way evaluation reads them: captions outside
+    the training chunks encoded alone, latents by file bytes, never flipped."""
+    if parts.heldout is None:
+        return None
+    held = replace(parts, dataset=parts.heldout, heldout=None)
+    chunked = set(dataset_captions(parts.dataset) or ())
+    alone = sorted(set(dataset_captions(held.dataset) or ()) - chunked)
+    for caption in tqdm(alone, desc="held-out captions", disable=not progress):
+        parts.text.get(caption)
+    images, unreadable = 0, 0
+    if not parts.latents.passthrough:
+        images, unreadable = _build_file_latents(held, False, progress)
+    return {"samples": len(held.dataset), "captions_alone": len(alone), "images": images,
+            "unreadable": unreadable}  # fmt: skip
+
+
 def build_caches(parts: CacheParts, progress: bool = True) -> dict:
     """Compute and write every missing or invalid caption embedding and latent of the dataset.
 
@@ -203,6 +222,7 @@ def build_caches(parts: CacheParts, progress: bool = True) -> dict:
         images, unreadable = _build_file_latents(parts, flips, progress)
     else:
         images, unreadable = _build_memory_latents(parts, flips, progress)
+    heldout = _build_heldout(parts, progress)
     failures = flush_writes()
     if failures:
         raise ArtifactError(
@@ -218,6 +238,7 @@ def build_caches(parts: CacheParts, progress: bool = True) -> dict:
         "images": images,
         "latents": None if latents.passthrough else vars(latents.stats),
         "flip_variants": flips,
+        "heldout": heldout,
         "stale_temp_files_removed": removed,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -255,6 +276,8 @@ def verify_caches(parts: CacheParts, progress: bool = True) -> tuple[list[Sectio
     captions = dataset_captions(parts.dataset)
     if captions is None:
         captions = [i["caption"] for i in _each_sample(parts, "captions", progress) if i]
+    if parts.heldout is not None:
+        captions = [*captions, *(dataset_captions(parts.heldout) or ())]
     for caption in sorted(set(captions)):
         text_section.record(text.inspect_caption(caption), f"caption {caption[:60]!r}")
     if parts.latents.passthrough:
@@ -262,6 +285,9 @@ def verify_caches(parts: CacheParts, progress: bool = True) -> tuple[list[Sectio
         unreadable = 0
     else:
         unreadable = _verify_latents(parts, latent_section, progress)
+        if parts.heldout is not None:
+            held = replace(parts, dataset=parts.heldout, heldout=None)
+            unreadable += _verify_latents(held, latent_section, progress)
     return [text_section, latent_section], unreadable
 
 
@@ -302,7 +328,9 @@ def open_caches(cfg: Config, mode: str) -> CacheParts:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as training does
     encoder = build_text_encoder(cfg.text_encoder, device)
     autoencoder = build_autoencoder(cfg.vae, device, torch.float32)
-    dataset, _ = build_dataset(cfg, autoencoder.downsample_factor)  # buckets resize as training
+    dataset, groups = build_dataset(cfg, autoencoder.downsample_factor)  # buckets as training
+    # a val_split set is part of `dataset`; a val_dir set is read by evaluation too
+    heldout = split_heldout(cfg, dataset, groups).heldout if cfg.data.val_dir else None
     root = cache_root(cfg)
     return CacheParts(
         text=TextEmbeddingCache(root, encoder, mode),
@@ -310,4 +338,5 @@ def open_caches(cfg: Config, mode: str) -> CacheParts:
         dataset=dataset,
         sources=SourceIndex(root, mode),
         num_workers=loader_workers(cfg),
+        heldout=heldout,
     )

@@ -181,10 +181,13 @@ def build_parts(
     """Caches, data, sampler, (sharded) model, optimizer, schedule and the fresh state."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     dataset, buckets = build_dataset(cfg, models.autoencoder.downsample_factor)
-    encoders = build_encoders(cfg, accelerator, models, dataset)  # cold captions; release
     split = split_heldout(cfg, dataset, buckets)  # the same samples on every rank and resume
     if split.heldout is not None:
         log.info("held-out loss on %s", describe(split))
+    # cold captions, then release when the caches cover what training and evaluation read
+    # (a val_split held-out set is part of `dataset`; a val_dir one is not)
+    separate = split.heldout if cfg.data.val_dir else None
+    encoders = build_encoders(cfg, accelerator, models, dataset, separate)
     dataset, buckets = split.train, split.groups
     bs = cfg.train.train_batch_size
     sampler = ResumableSampler(len(dataset), bs, cfg.seed, rank, world, groups=buckets)

@@ -46,8 +46,14 @@ class Encoders:
     released: bool = False
 
 
-def build_encoders(cfg: Config, accelerator: Any, models: Any, dataset: Any) -> Encoders:
-    """The run's caches and encoders; the cold caption pass done; encoders freed if unneeded."""
+def build_encoders(
+    cfg: Config, accelerator: Any, models: Any, dataset: Any, heldout: Any = None
+) -> Encoders:
+    """The run's caches and encoders; the cold caption pass done; encoders freed if unneeded.
+
+    ``heldout``: a held-out set outside ``dataset`` (``data.val_dir``); its captions are
+    encoded alone when first evaluated, and the encoders are freed only if it is cached too.
+    """
     text = models.text_encoder
     store = TextEmbeddingCache.from_config(cfg, text)
     captions = dataset_captions(dataset)
@@ -66,20 +72,22 @@ def build_encoders(cfg: Config, accelerator: Any, models: Any, dataset: Any) -> 
                 log.info("encoded %d captions in chunks of %d before step 1", missing, chunks.size)
         flush_writes()  # data-loader workers read the entries from disk
         accelerator.wait_for_everyone()
-    if cfg.train.release_encoders and caches_cover(encoders, store, dataset):
+    if cfg.train.release_encoders and all(
+        caches_cover(encoders, store, d) for d in (dataset, heldout) if d is not None
+    ):
         release(cfg, encoders, models)
     return encoders
 
 
 def caches_cover(encoders: Encoders, store: Any, dataset: Any) -> bool:
-    """Whether training can run on cached values alone (checked from entry headers)."""
-    chunks = encoders.captions.chunks
-    if chunks is None:
+    """Whether ``dataset`` can be read on cached values alone (checked from entry headers)."""
+    captions = dataset_captions(dataset)
+    if captions is None:
         return False  # images made in memory: nothing to check without rendering them all
     pinned = encoders.captions.pinned
     text_ok = all(
         c in pinned or (store is not None and store.probe_caption(c) is EntryStatus.VALID)
-        for c in chunks.ordered
+        for c in set(captions)
     )
     if not text_ok:
         return False

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from sanakit.config import Config
 from sanakit.data.dataset import collate, target_size
+from sanakit.embeddings.loader import CachedSamples, collate_cached, file_backed
 from sanakit.flow import flow_matching_loss, sample_sigmas
 from sanakit.train.components import Parts, autocast_dtype
 from sanakit.train.parallel import local
@@ -133,6 +134,14 @@ class HeldOut:
         if not self.enabled:
             return
         self.encoders, self.sharded = parts.encoders, parts.sharded
+        enc = self.encoders
+        # files are read as training reads them: latents by the file's bytes (no decode once
+        # cached; a released autoencoder stays released), caption rows looked up alongside
+        self.samples = (
+            CachedSamples(self.dataset, enc.latents, enc.sources, enc.captions)
+            if enc.sources is not None and file_backed(self.dataset)
+            else None
+        )
         self.factor: int = parts.autoencoder.downsample_factor
         self.channels: int = parts.latent_shape[0]
         self.batches = eval_batches(self.dataset, cfg.train.train_batch_size, cfg.model.image_size)
@@ -190,23 +199,26 @@ class HeldOut:
             model.reshard()  # so the EMA swap sees (and the next gather reads) the shards
         return losses, counted
 
-    def _losses(self, model: torch.nn.Module, positions: list[int]) -> tuple[list[int], Any]:
+    def _batch(self, positions: list[int]) -> Any:
+        if self.samples is not None:
+            return collate_cached([self.samples[i] for i in positions])
         fetch = getattr(self.dataset, "__getitems__", None)
-        items = fetch(positions) if fetch else [self.dataset[i] for i in positions]
-        batch = collate(items)
+        return collate(fetch(positions) if fetch else [self.dataset[i] for i in positions])
+
+    def _losses(self, model: torch.nn.Module, positions: list[int]) -> tuple[list[int], Any]:
+        batch = self._batch(positions)
+        h, w = target_size(self.dataset, positions[0], self.cfg.model.image_size)  # one size
         if batch is None:  # nothing readable: a blank stand-in keeps a sharded forward in step
-            h, w = target_size(self.dataset, positions[0], self.cfg.model.image_size)
             batch = {"pixels": torch.zeros(1, 3, h, w), "captions": [""], "kept": []}
             kept = []
         else:
             kept = [positions[i] for i in batch["kept"]]
-        _, _, h, w = batch["pixels"].shape
         latent = (self.channels, h // self.factor, w // self.factor)
         draws = [fixed_draws(self.cfg, p, latent) for p in kept or positions[:1]]
         sigmas = torch.cat([sigma for sigma, _ in draws])
         noise = torch.stack([eps for _, eps in draws]).to(self.accelerator.device)
         x0 = self.encoders.latents.encode(batch["pixels"])
-        embeds, mask = self.encoders.captions.encode(batch["captions"])
+        embeds, mask = self.encoders.captions.encode(batch["captions"], batch.get("found_text"))
         device_type = self.accelerator.device.type
         with torch.autocast(device_type, self.amp, self.amp != torch.float32):
             out = flow_matching_loss(model, x0, embeds, mask, sigmas, noise)
