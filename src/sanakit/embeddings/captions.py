@@ -86,9 +86,8 @@ class CaptionEncoder:
         return self.encoder
 
     def _encode_chunk(self, captions: list[str]) -> dict[str, Row]:
-        encoder = self._encoder()
-        # trimmed to the chunk's longest caption; an encoder with only `encode` runs full length
-        embeds, mask = getattr(encoder, "encode_trimmed", encoder.encode)(captions)
+        # run over the chunk's longest caption only, where the encoder can
+        embeds, mask = self._encoder().encode_trimmed(captions)
         return {c: (embeds[i], mask[i]) for i, c in enumerate(captions)}
 
     def _one(self, caption: str) -> Row:

@@ -56,6 +56,10 @@ class CacheParts:
     def root(self) -> Path:
         return self.text.root
 
+    def of_heldout(self) -> CacheParts | None:
+        """The same caches over the ``data.val_dir`` set (None without one)."""
+        return None if self.heldout is None else replace(self, dataset=self.heldout, heldout=None)
+
 
 @dataclass
 class Section:
@@ -190,9 +194,9 @@ def _build_memory_latents(parts: CacheParts, flips: bool, progress: bool) -> tup
 def _build_heldout(parts: CacheParts, progress: bool) -> dict | None:
     """The ``data.val_dir`` set's entries, made the way evaluation reads them: captions outside
     the training chunks encoded alone, latents by file bytes, never flipped."""
-    if parts.heldout is None:
+    held = parts.of_heldout()
+    if held is None:
         return None
-    held = replace(parts, dataset=parts.heldout, heldout=None)
     chunked = set(dataset_captions(parts.dataset) or ())
     alone = sorted(set(dataset_captions(held.dataset) or ()) - chunked)
     for caption in tqdm(alone, desc="held-out captions", disable=not progress):
@@ -285,8 +289,8 @@ def verify_caches(parts: CacheParts, progress: bool = True) -> tuple[list[Sectio
         unreadable = 0
     else:
         unreadable = _verify_latents(parts, latent_section, progress)
-        if parts.heldout is not None:
-            held = replace(parts, dataset=parts.heldout, heldout=None)
+        held = parts.of_heldout()
+        if held is not None:
             unreadable += _verify_latents(held, latent_section, progress)
     return [text_section, latent_section], unreadable
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import torch
 from torch.utils.data import Dataset
 
 from sanakit.config import Config
+from sanakit.data.dataset import collate
 from sanakit.data.images import IMAGE_ERRORS, load_image, plan_crop
 from sanakit.embeddings.captions import CaptionEncoder
 from sanakit.embeddings.latents import Entry, ImageBatch, LatentCache
@@ -141,6 +143,17 @@ def collate_cached(items: list[dict[str, Any] | None]) -> CachedBatch | None:
         num_bad=len(items) - len(kept),
         found_text=[s.get("text") for s in good],
     )
+
+
+def through_caches(
+    dataset: Any, latents: LatentCache, sources: SourceIndex | None, text: CaptionEncoder
+) -> tuple[Any, Callable[[list], Any]]:
+    """How training and evaluation read ``dataset``, and the collate function for it: a file
+    dataset through the caches (:class:`CachedSamples`: no decode once cached) when file
+    digests are kept (``sources``), anything else as it is."""
+    if sources is None or not file_backed(dataset):
+        return dataset, collate
+    return CachedSamples(dataset, latents, sources, text), collate_cached
 
 
 class EntryCheck(Dataset):

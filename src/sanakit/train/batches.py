@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from sanakit.config import Config
-from sanakit.data.dataset import collate, set_epoch, target_size
+from sanakit.data.dataset import set_epoch, target_size
 from sanakit.data.sampler import ResumableSampler
-from sanakit.embeddings.loader import CachedSamples, collate_cached, loader_workers
+from sanakit.embeddings.loader import loader_workers, through_caches
 from sanakit.flow import sample_sigmas
 from sanakit.train.components import Parts
 from sanakit.train.timers import Timers
@@ -84,13 +84,8 @@ class EpochBatches:
 
     def _loader(self) -> DataLoader:
         """Cache lookups run in the workers for file datasets; pinned batches on CUDA."""
-        dataset, collate_fn = self.dataset, collate
         enc = self.encoders
-        if enc.sources is not None:
-            dataset, collate_fn = (
-                CachedSamples(dataset, enc.latents, enc.sources, enc.captions),
-                collate_cached,
-            )
+        dataset, collate_fn = through_caches(self.dataset, enc.latents, enc.sources, enc.captions)
         return DataLoader(
             dataset,
             batch_sampler=self.sampler,  # yields this rank's share of each global batch

@@ -23,8 +23,8 @@ import torch
 from accelerate import Accelerator
 
 from sanakit.config import Config
-from sanakit.data.dataset import collate, target_size
-from sanakit.embeddings.loader import CachedSamples, collate_cached, file_backed
+from sanakit.data.dataset import target_size
+from sanakit.embeddings.loader import through_caches
 from sanakit.flow import flow_matching_loss, sample_sigmas
 from sanakit.train.components import Parts, autocast_dtype
 from sanakit.train.parallel import local
@@ -135,12 +135,10 @@ class HeldOut:
             return
         self.encoders, self.sharded = parts.encoders, parts.sharded
         enc = self.encoders
-        # files are read as training reads them: latents by the file's bytes (no decode once
-        # cached; a released autoencoder stays released), caption rows looked up alongside
-        self.samples = (
-            CachedSamples(self.dataset, enc.latents, enc.sources, enc.captions)
-            if enc.sources is not None and file_backed(self.dataset)
-            else None
+        # read as training reads: files by their bytes (no decode once cached; a released
+        # autoencoder stays released), caption rows looked up alongside
+        self.reader, self.collate = through_caches(
+            self.dataset, enc.latents, enc.sources, enc.captions
         )
         self.factor: int = parts.autoencoder.downsample_factor
         self.channels: int = parts.latent_shape[0]
@@ -200,10 +198,8 @@ class HeldOut:
         return losses, counted
 
     def _batch(self, positions: list[int]) -> Any:
-        if self.samples is not None:
-            return collate_cached([self.samples[i] for i in positions])
-        fetch = getattr(self.dataset, "__getitems__", None)
-        return collate(fetch(positions) if fetch else [self.dataset[i] for i in positions])
+        fetch = getattr(self.reader, "__getitems__", None)
+        return self.collate(fetch(positions) if fetch else [self.reader[i] for i in positions])
 
     def _losses(self, model: torch.nn.Module, positions: list[int]) -> tuple[list[int], Any]:
         batch = self._batch(positions)

@@ -132,19 +132,18 @@ def clip_grad_norm(
     accelerator: Any,
     model: torch.nn.Module,
     max_norm: float,
-    trainable: list[torch.nn.Parameter] | None = None,
+    trainable: list[torch.nn.Parameter],
 ) -> torch.Tensor:
     """Clip to ``max_norm`` by the global gradient norm; returns that norm (a plain tensor).
 
-    ``trainable``: the model's parameters that get gradients, listed once by the caller (an
-    unsharded model's only; frozen ones have no gradient to count).
+    ``trainable``: the model's parameters that get gradients, listed once by the caller (used
+    unsharded; frozen ones have no gradient to count).
     """
     if not is_sharded(model):
         # what accelerate's clip_grad_norm_ ends in for one process or DDP, without its walk
         # over every parameter on each call: unscale (fp16 loss scaling only), then torch's clip
         accelerator.unscale_gradients()
-        params = trainable if trainable is not None else list(model.parameters())
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     # torch's clip sums the squared shard norms over the mesh (DTensor ops): the norm of the
     # full gradient, returned replicated
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)

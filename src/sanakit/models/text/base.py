@@ -123,6 +123,11 @@ class TextEncoder(abc.ABC):
     def encode_negative(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Encode negative prompts the way samplers do: no CHI, padded to L, own mask."""
 
+    def encode_trimmed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`encode` for a fixed batch of dataset captions, which an encoder may run only
+        over the batch's longest prompt (zeros at padding); by default the full length."""
+        return self.encode(prompts)
+
     def null_embedding(self) -> tuple[Tensor, Tensor]:
         """The empty-prompt embedding used for classifier-free guidance: ``[1, L, D], [1, L]``."""
         return self.encode_negative([""])
